@@ -1,0 +1,25 @@
+"""The LLaMA forward pass as the 19 stages of the "LLaMA Nuts and Bolts" diagrams."""
+from pathlib import Path
+from typing import Callable
+
+from .config import TINY, ModelConfig
+from .embedded import embedded_model_path
+from .errors import UserError
+from .generate import forward_step, generate
+from .gguf_model import read_gguf
+from .model import Model, resolve_device
+from .output import Sampling
+from .registry import NOTATION, STAGES, stage
+from .text import tokenize
+
+
+def load_model(path: str | Path | None = None, device: str = "auto",
+               progress: Callable[[int, int], None] | None = None) -> Model:
+    """A GGUF file (the embedded SmolLM2-135M-Instruct when `path` is None), on `device`."""
+    torch_device = resolve_device(device)
+    name, config, weights, tokenizer = read_gguf(Path(path) if path else embedded_model_path(), progress)
+    return Model.build(name, config, weights, tokenizer, torch_device)
+
+
+__all__ = ["Model", "ModelConfig", "NOTATION", "STAGES", "Sampling", "TINY", "UserError", "forward_step",
+           "generate", "load_model", "stage", "tokenize"]

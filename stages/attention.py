@@ -1,0 +1,113 @@
+"""Stages 7 to 14: multi-head self-attention with grouped-query heads and a KV cache.
+
+Shapes (see stages.config): T new tokens at positions P..P+T-1, H query heads,
+Hkv key/value heads, Dh head dim. Attention is computed explicitly so that the
+scores and their softmax exist as tensors to look at.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .hooks import record
+from .kv_cache import KVCache
+from .rope import apply_rotary_embeddings
+from .weights import LayerWeights
+
+
+def calculate_xq_xk_xv(x: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor):
+    """Stage 8. normalized x (T, D) -> xq (T, H·Dh), xk (T, Hkv·Dh), xv (T, Hkv·Dh)."""
+    record(8, "normalized x", x)
+    record(8, "wq", wq)
+    record(8, "wk", wk)
+    record(8, "wv", wv)
+    return (record(8, "xq", F.linear(x, wq)), record(8, "xk", F.linear(x, wk)),
+            record(8, "xv", F.linear(x, wv)))
+
+
+def do_reshapings(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, head_dim: int):
+    """Stage 9. xq (T, H·Dh) -> (T, H, Dh); xk, xv (T, Hkv·Dh) -> (T, Hkv, Dh)."""
+    T = xq.shape[0]
+    record(9, "xq", xq)
+    record(9, "xk", xk)
+    record(9, "xv", xv)
+    return (record(9, "xq (reshaped)", xq.view(T, -1, head_dim)),  # (T, H, Dh)
+            record(9, "xk (reshaped)", xk.view(T, -1, head_dim)),  # (T, Hkv, Dh)
+            record(9, "xv (reshaped)", xv.view(T, -1, head_dim)))  # (T, Hkv, Dh)
+
+
+def update_kv_cache(cache: KVCache, xk: torch.Tensor, xv: torch.Tensor, start_pos: int):
+    """Stage 11. Write xk, xv (T, Hkv, Dh) at positions P..P+T-1 of the cache (S, Hkv, Dh);
+    returns the filled part, keys and values (P+T, Hkv, Dh)."""
+    end = start_pos + xk.shape[0]
+    record(11, "xk (rotated)", xk)
+    record(11, "xv (reshaped)", xv)
+    cache.cache_k[start_pos:end] = xk
+    cache.cache_v[start_pos:end] = xv
+    # Later steps write only beyond `end`, so these views keep their values.
+    return record(11, "cache_k", cache.cache_k[:end]), record(11, "cache_v", cache.cache_v[:end])
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(P+T, Hkv, Dh) -> (P+T, Hkv·n_rep, Dh): KV head j serves query heads j·n_rep .. j·n_rep+n_rep-1."""
+    if n_rep == 1:
+        return x
+    seq, n_kv_heads, head_dim = x.shape
+    return x[:, :, None, :].expand(seq, n_kv_heads, n_rep, head_dim).reshape(seq, n_kv_heads * n_rep, head_dim)
+
+
+def do_transposes(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n_rep: int):
+    """Stage 12. xq (T, H, Dh) -> (H, T, Dh); keys, values (P+T, Hkv, Dh) -> (P+T, H, Dh) -> (H, P+T, Dh)."""
+    record(12, "keys", keys)
+    record(12, "values", values)
+    keys = record(12, "keys (repeated)", repeat_kv(keys, n_rep))  # (P+T, H, Dh)
+    values = record(12, "values (repeated)", repeat_kv(values, n_rep))  # (P+T, H, Dh)
+    return (record(12, "xq (transposed)", xq.transpose(0, 1)),  # (H, T, Dh)
+            record(12, "keys (transposed)", keys.transpose(0, 1)),  # (H, P+T, Dh)
+            record(12, "values (transposed)", values.transpose(0, 1)))  # (H, P+T, Dh)
+
+
+def causal_mask(T: int, start_pos: int, device) -> torch.Tensor | None:
+    """(T, P+T): 0 over the P cached positions, then the causal triangle over the new ones.
+    A single new token may see everything, so decode steps need no mask."""
+    if T == 1:
+        return None
+    triangle = torch.full((T, T), float("-inf"), device=device).triu(1)  # (T, T)
+    return torch.hstack([torch.zeros((T, start_pos), device=device), triangle])  # (T, P+T)
+
+
+def calculate_scores(xq: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Stage 13. xq (H, T, Dh) · keysᵀ (H, Dh, P+T) / sqrt(Dh) + mask (T, P+T) -> softmax -> (H, T, P+T)."""
+    record(13, "xq (transposed)", xq)
+    record(13, "keys (transposed)", keys)
+    scores = torch.matmul(xq, keys.transpose(1, 2)) / math.sqrt(xq.shape[-1])  # (H, T, P+T)
+    if mask is not None:
+        record(13, "mask", mask)
+        scores = scores + mask  # broadcast over heads
+    record(13, "scores", scores)
+    # Softmax in float32 whatever the model dtype: small differences of large scores matter.
+    return record(13, "scores (softmax)", F.softmax(scores.float(), dim=-1).type_as(xq))
+
+
+def calculate_output(probs: torch.Tensor, values: torch.Tensor, wo: torch.Tensor) -> torch.Tensor:
+    """Stage 14. probs (H, T, P+T) · values (H, P+T, Dh) -> (H, T, Dh) -> (T, H·Dh) -> wo -> (T, D)."""
+    record(14, "scores (softmax)", probs)
+    record(14, "values (transposed)", values)
+    output = record(14, "output", torch.matmul(probs, values))  # (H, T, Dh)
+    merged = record(14, "output (transposed)", output.transpose(0, 1).flatten(1))  # (T, H, Dh) -> (T, H·Dh)
+    record(14, "wo", wo)
+    return record(14, "attention output", F.linear(merged, wo))  # (T, D)
+
+
+def attention(x: torch.Tensor, layer: LayerWeights, cache: KVCache, freqs_cis: torch.Tensor,
+              start_pos: int, head_dim: int, n_rep: int) -> torch.Tensor:
+    """Stage 7. normalized x (T, D) -> attention output (T, D), through stages 8 to 14.
+    freqs_cis is the (T, Dh/2) slice for positions P..P+T-1."""
+    record(7, "normalized x", x)
+    xq, xk, xv = calculate_xq_xk_xv(x, layer.wq, layer.wk, layer.wv)
+    xq, xk, xv = do_reshapings(xq, xk, xv, head_dim)
+    xq, xk = apply_rotary_embeddings(xq, xk, freqs_cis)
+    keys, values = update_kv_cache(cache, xk, xv, start_pos)
+    xq, keys, values = do_transposes(xq, keys, values, n_rep)
+    probs = calculate_scores(xq, keys, causal_mask(x.shape[0], start_pos, x.device))
+    return record(7, "attention output", calculate_output(probs, values, layer.wo))

@@ -1,0 +1,2 @@
+class UserError(Exception):
+    """Something the user asked for cannot be done; the message is one line that says why."""

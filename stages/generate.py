@@ -1,0 +1,64 @@
+"""Stage 3: the generation loop (prefill, then one token per step through the KV cache)."""
+from typing import Callable
+
+import torch
+
+from .block import forward_through_blocks
+from .embedding import create_input_tensor
+from .errors import UserError
+from .hooks import at, record
+from .kv_cache import KVCache
+from .model import Model
+from .output import Sampling, forward_output
+from .text import create_tokens_tensor
+
+
+def forward_step(model: Model, tokens: torch.Tensor, start_pos: int, caches: list[KVCache],
+                 sampling: Sampling, generator: torch.Generator | None) -> tuple[int, torch.Tensor]:
+    """One pass of the model over tokens[P:P+T] (T) -> (next id, logits (V)): stages 4, 5 and 19."""
+    config, weights = model.config, model.weights
+    x = create_input_tensor(tokens, weights.tok_embeddings)  # (T, D)
+    freqs_cis = model.freqs_cis[start_pos:start_pos + tokens.shape[0]]  # (T, Dh/2)
+    h = forward_through_blocks(x, weights.layers, caches, freqs_cis, start_pos, config)  # (T, D)
+    return forward_output(h, weights.norm, weights.output, config.norm_eps, sampling, generator)
+
+
+def generate(model: Model, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
+             on_token: Callable[[int], None] | None = None) -> list[int]:
+    """Stage 3. tokens (S) -> tokens[P:P+T] (T) each step -> the new ids.
+
+    Step 0 feeds the whole prompt (P = 0, T = T0); each later step feeds the
+    token chosen by the step before (T = 1) while P counts the cached positions.
+    Stops after max_new_tokens, or after a token that ends the model's turn.
+    """
+    if not prompt_ids:
+        raise UserError("the prompt is empty: there is nothing to feed the model")
+    if max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+    max_len = len(prompt_ids) + max_new_tokens
+    if max_len > model.config.max_seq_len:
+        raise UserError(f"prompt ({len(prompt_ids)} tokens) plus {max_new_tokens} new tokens exceeds the "
+                        f"model's context of {model.config.max_seq_len}")
+    pad_id = model.tokenizer.pad_id if model.tokenizer else 0
+    tokens = create_tokens_tensor(prompt_ids, max_len, pad_id, model.device)  # (S)
+    caches = [KVCache.empty(max_len, model.config.n_kv_heads, model.config.head_dim, model.device, model.dtype)
+              for _ in model.weights.layers]
+    generator = None if sampling.greedy else torch.Generator().manual_seed(
+        sampling.seed if sampling.seed is not None else torch.seed())
+    stop_ids = model.tokenizer.stop_ids if model.tokenizer else frozenset()
+    new_ids: list[int] = []
+    start_pos, T = 0, len(prompt_ids)
+    with torch.inference_mode():
+        for step in range(max_new_tokens):
+            at(step=step, layer=None)
+            record(3, "tokens", tokens, copy=True)
+            feed = record(3, "tokens[P:P+T]", tokens[start_pos:start_pos + T])  # (T)
+            next_id, _ = forward_step(model, feed, start_pos, caches, sampling, generator)
+            tokens[start_pos + T] = next_id
+            new_ids.append(next_id)
+            if on_token:
+                on_token(next_id)
+            if next_id in stop_ids:
+                break
+            start_pos, T = start_pos + T, 1
+    return new_ids

@@ -1,0 +1,112 @@
+"""Reading a LLaMA-architecture GGUF file: config from its metadata, weights
+dequantized to float32, tokenizer and chat template from its metadata.
+
+GGUF keeps Meta's interleaved-pair RoPE layout for wq and wk (llama.cpp's
+converter permutes Hugging Face weights back into it), so the rows are used
+as they are.
+"""
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+import torch
+
+from .config import ModelConfig
+from .errors import UserError
+from .tokenizer import Tokenizer
+from .weights import LayerWeights, Weights
+
+# Our names (stages.weights) for llama.cpp's tensor names.
+_LAYER_TENSORS = {"attention_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v",
+                  "wo": "attn_output", "ffn_norm": "ffn_norm", "w1": "ffn_gate", "w3": "ffn_up", "w2": "ffn_down"}
+
+
+def open_gguf(path: Path) -> gguf.GGUFReader:
+    if not path.exists():
+        raise UserError(f"model file not found: {path}")
+    if not path.is_file():
+        raise UserError(f"model path is not a file: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise UserError(f"not a GGUF file (it does not start with 'GGUF'): {path}")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the library raises many kinds on a damaged file
+        raise UserError(f"cannot read GGUF file {path}: {e}") from None
+
+
+def read_fields(reader: gguf.GGUFReader) -> dict:
+    """Every metadata key with its value as plain Python (lists for arrays)."""
+    return {name: field.contents() for name, field in reader.fields.items()}
+
+
+def config_from_fields(fields: dict) -> ModelConfig:
+    arch = fields.get("general.architecture")
+    if arch != "llama":
+        raise UserError(f"unsupported architecture {arch!r}: only LLaMA-architecture GGUF files can be traced")
+    if fields.get("llama.rope.scaling.type", "none") not in ("none", None):
+        raise UserError(f"unsupported RoPE scaling {fields['llama.rope.scaling.type']!r}")
+    try:
+        config = ModelConfig(
+            dim=fields["llama.embedding_length"], n_layers=fields["llama.block_count"],
+            n_heads=fields["llama.attention.head_count"],
+            n_kv_heads=fields.get("llama.attention.head_count_kv", fields["llama.attention.head_count"]),
+            vocab_size=fields.get("llama.vocab_size", len(fields.get("tokenizer.ggml.tokens", []))),
+            ffn_dim=fields["llama.feed_forward_length"],
+            norm_eps=fields.get("llama.attention.layer_norm_rms_epsilon", 1e-5),
+            rope_theta=fields.get("llama.rope.freq_base", 10000.0),
+            max_seq_len=fields.get("llama.context_length", 2048))
+    except KeyError as e:
+        raise UserError(f"GGUF metadata lacks {e.args[0]}") from None
+    except ValueError as e:
+        raise UserError(f"unsupported model shape: {e}") from None
+    if fields.get("llama.rope.dimension_count", config.head_dim) != config.head_dim:
+        raise UserError("unsupported: RoPE applied to only part of each head")
+    return config
+
+
+def _dequantize(tensor) -> torch.Tensor:
+    try:
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError:
+        raise UserError(f"unsupported quantization {tensor.tensor_type.name} in tensor {tensor.name}") from None
+    # F32 tensors come back as read-only views of the memory-mapped file: copy those only.
+    return torch.from_numpy(np.require(values, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
+
+
+def load_weights(reader: gguf.GGUFReader, config: ModelConfig,
+                 progress: Callable[[int, int], None] | None = None) -> Weights:
+    tensors = {t.name: t for t in reader.tensors}
+    unsupported = sorted(n for n in tensors if n.endswith(".bias") or n == "rope_freqs.weight")
+    if unsupported:
+        raise UserError(f"unsupported tensor {unsupported[0]} (biases and RoPE frequency scaling are not supported)")
+    done, total = 0, len(tensors)
+
+    def take(name: str) -> torch.Tensor:
+        nonlocal done
+        if name not in tensors:
+            raise UserError(f"GGUF file lacks tensor {name}")
+        value = _dequantize(tensors[name])
+        done += 1
+        if progress:
+            progress(done, total)
+        return value
+
+    tok_embeddings = take("token_embd.weight")  # (V, D)
+    layers = [LayerWeights(**{ours: take(f"blk.{i}.{theirs}.weight") for ours, theirs in _LAYER_TENSORS.items()})
+              for i in range(config.n_layers)]
+    # Models with tied embeddings (SmolLM2) have no output.weight: the head reuses the table.
+    output = take("output.weight") if "output.weight" in tensors else tok_embeddings
+    return Weights(tok_embeddings=tok_embeddings, layers=layers, norm=take("output_norm.weight"), output=output)
+
+
+def read_gguf(path: Path, progress: Callable[[int, int], None] | None = None):
+    """(name, config, weights, tokenizer) from a GGUF file; weights in float32 on the CPU."""
+    reader = open_gguf(path)
+    fields = read_fields(reader)
+    config = config_from_fields(fields)
+    tokenizer = Tokenizer.from_gguf_fields(fields)
+    weights = load_weights(reader, config, progress)
+    return fields.get("general.name", path.stem), config, weights, tokenizer

@@ -1,0 +1,46 @@
+"""The one narrow point through which the forward pass is recorded.
+
+Stage functions hand each tensor they show to `record`; the loops say where
+they are with `at`. Without an active sink both are a single `is None` test,
+so the model runs at full speed when nobody is tracing. Whoever wants the
+tensors (the `trace` package) installs a sink with `recording`.
+"""
+from contextlib import contextmanager
+from typing import Protocol
+
+import torch
+
+
+class Sink(Protocol):
+    def at(self, **where: int | None) -> None: ...
+    def record(self, stage: int, name: str, tensor: torch.Tensor, copy: bool) -> None: ...
+
+
+_sink: Sink | None = None
+
+
+def record(stage: int, name: str, tensor: torch.Tensor, copy: bool = False) -> torch.Tensor:
+    """Show `tensor` as `name` of stage `stage`; returns it unchanged.
+
+    `copy=True` is for buffers that are later written in place (the KV cache):
+    the sink must keep a snapshot, not a reference.
+    """
+    if _sink is not None:
+        _sink.record(stage, name, tensor, copy)
+    return tensor
+
+
+def at(**where: int | None) -> None:
+    """Tell the sink which step / layer the following records belong to."""
+    if _sink is not None:
+        _sink.at(**where)
+
+
+@contextmanager
+def recording(sink: Sink):
+    global _sink
+    previous, _sink = _sink, sink
+    try:
+        yield sink
+    finally:
+        _sink = previous

@@ -1,0 +1,45 @@
+"""A loaded model: its config, its weights on a device, its tokenizer."""
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModelConfig
+from .errors import UserError
+from .rope import precompute_freqs_cis
+from .tokenizer import Tokenizer
+from .weights import Weights
+
+
+@dataclass
+class Model:
+    name: str
+    config: ModelConfig
+    weights: Weights
+    tokenizer: Tokenizer | None
+    freqs_cis: torch.Tensor  # (max_seq_len, Dh/2) complex64, on the weights' device
+
+    @classmethod
+    def build(cls, name: str, config: ModelConfig, weights: Weights, tokenizer: Tokenizer | None,
+              device: torch.device, dtype: torch.dtype = torch.float32) -> "Model":
+        weights = weights.to(device, dtype)
+        freqs_cis = precompute_freqs_cis(config.head_dim, config.max_seq_len, config.rope_theta).to(device)
+        return cls(name, config, weights, tokenizer, freqs_cis)
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights.tok_embeddings.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weights.tok_embeddings.dtype
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' (CUDA when there is one), 'cpu' or 'cuda'."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but torch sees no CUDA GPU here (try --device cpu)")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {name!r} (choose auto, cpu or cuda)")
+    return torch.device(name)

@@ -1,0 +1,37 @@
+"""The model's parameters, under Meta's names, in the layout torch.nn.Linear uses
+(out_features, in_features)."""
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass
+class LayerWeights:
+    attention_norm: torch.Tensor  # (D)
+    wq: torch.Tensor  # (H·Dh, D), rows in the interleaved-pair RoPE layout
+    wk: torch.Tensor  # (Hkv·Dh, D), rows in the interleaved-pair RoPE layout
+    wv: torch.Tensor  # (Hkv·Dh, D)
+    wo: torch.Tensor  # (D, H·Dh)
+    ffn_norm: torch.Tensor  # (D)
+    w1: torch.Tensor  # (F, D) gate
+    w3: torch.Tensor  # (F, D) up
+    w2: torch.Tensor  # (D, F) down
+
+    def to(self, device, dtype) -> "LayerWeights":
+        return LayerWeights(**{f.name: getattr(self, f.name).to(device, dtype) for f in fields(self)})
+
+
+@dataclass
+class Weights:
+    tok_embeddings: torch.Tensor  # (V, D)
+    layers: list[LayerWeights]
+    norm: torch.Tensor  # (D)
+    output: torch.Tensor  # (V, D); the same tensor as tok_embeddings when tied
+
+    def to(self, device, dtype) -> "Weights":
+        tok_embeddings = self.tok_embeddings.to(device, dtype)
+        tied = self.output is self.tok_embeddings
+        return Weights(tok_embeddings=tok_embeddings,
+                       layers=[layer.to(device, dtype) for layer in self.layers],
+                       norm=self.norm.to(device, dtype),
+                       output=tok_embeddings if tied else self.output.to(device, dtype))
