@@ -1,0 +1,34 @@
+"""Makes `import trace` reach this project's package, not the standard library's.
+
+`trace` is also a standard-library module, and the standard library comes
+before site-packages (and before an editable install) on sys.path. From the
+repository root, `python -m trace` finds ours because the current directory
+comes first; anywhere else (pytest, a Jupyter kernel, an installed copy),
+`import llama_trace` first. The `llama-trace` command does it for you.
+"""
+import importlib.util
+import sys
+from pathlib import Path
+
+_PACKAGE = Path(__file__).resolve().parent / "trace"
+
+
+def _install() -> None:
+    loaded = sys.modules.get("trace")
+    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve().parent == _PACKAGE:
+        return
+    for name in [n for n in sys.modules if n == "trace" or n.startswith("trace.")]:
+        del sys.modules[name]  # the standard library's, if something imported it already
+    spec = importlib.util.spec_from_file_location("trace", _PACKAGE / "__init__.py",
+                                                  submodule_search_locations=[str(_PACKAGE)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["trace"] = module
+    spec.loader.exec_module(module)
+
+
+_install()
+
+
+def main() -> int:
+    from trace.cli import main as cli_main
+    return cli_main()

@@ -1,0 +1,164 @@
+"""The independent reference: Hugging Face transformers' LlamaForCausalLM, and
+how to line its tensors up with ours.
+
+Hugging Face keeps wq/wk rows in the "rotate_half" layout (pairs i, i+Dh/2);
+GGUF and our stages use interleaved pairs (2i, 2i+1). `to_interleaved` maps
+a per-head vector from the first layout to the second, so that every tensor
+can be compared element for element.
+"""
+import dataclasses
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from tokenizers import pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import stages
+from stages.config import TINY
+
+
+def to_interleaved(t: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(..., n·Dh) or (..., Dh) in rotate-half layout -> the same in interleaved-pair layout."""
+    shape = t.shape
+    t = t.reshape(*shape[:-1], -1, 2, head_dim // 2)  # (..., n, 2, Dh/2)
+    return t.transpose(-1, -2).reshape(shape)  # (..., n, Dh/2, 2) -> (..., n·Dh)
+
+
+def _permute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """What llama.cpp's converter does to wq/wk: rotate-half rows -> interleaved rows."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tiny_vocab(size: int):
+    specials = ["<|bos|>", "<|eos|>"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
+    tokens = specials + alphabet + ["".join(m) for m in merges]
+    tokens += [f"<|reserved_{i}|>" for i in range(size - len(tokens))]
+    types = [3 if t.startswith("<|") else 1 for t in tokens]
+    return tokens, types, [" ".join(m) for m in merges]
+
+
+def write_gguf(model: LlamaForCausalLM, path: Path) -> Path:
+    """A real GGUF file (float32 tensors, byte-level BPE vocabulary) holding the HF model's weights."""
+    c = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-random-llama")
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    tokens, types, merges = _tiny_vocab(c.vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(1)
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    writer.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    for i in range(c.num_hidden_layers):
+        for theirs, ours in names.items():
+            w = sd[f"model.layers.{i}.{theirs}.weight"]
+            if ours == "attn_q":
+                w = _permute_rows(w, c.num_attention_heads)
+            if ours == "attn_k":
+                w = _permute_rows(w, c.num_key_value_heads)
+            writer.add_tensor(f"blk.{i}.{ours}.weight", np.ascontiguousarray(w))
+    writer.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    writer.add_tensor("output.weight", sd["lm_head.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def tiny_pair(path: Path, n_heads: int, n_kv_heads: int):
+    config = dataclasses.replace(TINY, n_heads=n_heads, n_kv_heads=n_kv_heads)
+    hf_config = LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.dim,
+                            intermediate_size=config.ffn_dim, num_hidden_layers=config.n_layers,
+                            num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+                            rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta,
+                            max_position_embeddings=config.max_seq_len, tie_word_embeddings=False)
+    hf_config._attn_implementation = "eager"  # attention probabilities as tensors, like ours
+    hf = LlamaForCausalLM(hf_config).eval()
+    with torch.no_grad():  # norms start at 1: give them random values so that they matter
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model = stages.load_model(write_gguf(hf, path), device="cpu")
+    # GGUF stores eps as float32: compare it with that precision.
+    assert dataclasses.replace(model.config, norm_eps=config.norm_eps) == config
+    assert abs(model.config.norm_eps - config.norm_eps) < 1e-9
+    return model, hf
+
+
+def load_hf_gguf(path: Path):
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model, tokenizer
+
+
+def hf_stage_tensors(hf: LlamaForCausalLM, ids: list[int]) -> dict[tuple[int, str, int | None], torch.Tensor]:
+    """HF's values for our (stage, tensor name, layer) at the prompt step, in our layout, batch removed."""
+    c = hf.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    found: dict = {}
+    hooks = []
+
+    def keep(module, key, layout=None, use_input=False):
+        def hook(mod, args, output):
+            value = args[0] if use_input else (output[0] if isinstance(output, tuple) else output)
+            value = value.detach()[0]
+            found[key] = to_interleaved(value, head_dim) if layout == "heads" else value
+        hooks.append(module.register_forward_hook(hook))
+
+    keep(hf.model.embed_tokens, (4, "x", None))
+    for i, layer in enumerate(hf.model.layers):
+        keep(layer.input_layernorm, (6, "normalized x", i))
+        keep(layer.self_attn.q_proj, (8, "xq", i), layout="heads")
+        keep(layer.self_attn.k_proj, (8, "xk", i), layout="heads")
+        keep(layer.self_attn.v_proj, (8, "xv", i))
+        keep(layer.self_attn, (7, "attention output", i))
+        keep(layer.post_attention_layernorm, (15, "h", i), use_input=True)
+        keep(layer.post_attention_layernorm, (16, "normalized h", i))
+        keep(layer.mlp.act_fn, (17, "gate", i))
+        keep(layer.mlp.up_proj, (17, "up", i))
+        keep(layer.mlp.down_proj, (17, "gate * up", i), use_input=True)
+        keep(layer.mlp, (17, "ffn output", i))
+        keep(layer, (18, "out", i))
+    keep(hf.model.norm, (19, "normalized h", None))
+    try:
+        with torch.no_grad():
+            out = hf(torch.tensor([ids]), output_attentions=True, use_cache=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    for i in range(c.num_hidden_layers):
+        found[(13, "scores (softmax)", i)] = out.attentions[i][0]
+        cache = out.past_key_values.layers[i]
+        found[(11, "cache_k", i)] = to_interleaved(cache.keys[0].transpose(0, 1), head_dim)  # (T, Hkv, Dh)
+        found[(11, "cache_v", i)] = cache.values[0].transpose(0, 1)
+    found[(19, "logits", None)] = out.logits[0, -1]
+    return found
+
+
+def hf_greedy(hf: LlamaForCausalLM, ids: list[int], max_new_tokens: int, stop_ids) -> list[int]:
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                          eos_token_id=sorted(stop_ids), pad_token_id=sorted(stop_ids)[0])
+    return out[0, len(ids):].tolist()

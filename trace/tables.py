@@ -1,0 +1,99 @@
+"""Rich renderables: the stage list, the shapes of a step, one stage in detail."""
+from rich import box
+from rich.console import Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from stages.registry import NOTATION, STAGES, stage as stage_info
+
+from .recorder import STAT_NAMES, TensorRecord
+from .run import Trace
+from .values import number, preview
+
+ROLE_STYLE = {"in": "cyan", "weight": "magenta", "mid": "default", "out": "green"}
+ROLE_LEGEND = Text.assemble("tensors: ", ("in", "cyan"), " · ", ("weight", "magenta"), " · intermediate · ", ("out", "green"))
+
+
+def stages_table() -> Group:
+    table = Table(title="The 19 stages of a LLaMA forward pass", title_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("stage (as the diagrams name it)")
+    table.add_column("runs once per")
+    for s in STAGES:
+        table.add_row(str(s.number), s.title, s.scope)
+    legend = Text("Shapes: " + ", ".join(f"{k} = {v}" for k, v in NOTATION), style="dim")
+    return Group(table, legend)
+
+
+def where(trace: Trace, step: int, layer: int) -> str:
+    P, T = trace.positions(step)
+    kind = "prompt step" if step == 0 else f"decode step, token {step} of {trace.n_steps - 1}"
+    return f"step {step} ({kind}: P={P}, T={T}) · layer {layer} of 0..{trace.model.config.n_layers - 1}"
+
+
+def model_line(trace: Trace) -> str:
+    c, m = trace.model.config, trace.model
+    return (f"{m.name} · L={c.n_layers} D={c.dim} H={c.n_heads} Hkv={c.n_kv_heads} Dh={c.head_dim} "
+            f"F={c.ffn_dim} V={c.vocab_size} · {m.device.type} {str(m.dtype).removeprefix('torch.')}")
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(map(str, shape)) + ")"
+
+
+def _table(title: str | None, *columns: str) -> Table:
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    for name in columns:
+        table.add_column(name, justify="right" if name in STAT_NAMES or name == "#" else "left")
+    return table
+
+
+def shapes_table(trace: Trace, step: int, layer: int) -> Table:
+    """Every stage's tensors for one step and layer: dtype, symbolic and concrete shape."""
+    table = _table(f"Shapes at {where(trace, step, layer)}", "#", "tensor", "dtype", "symbolic", "shape")
+    records = trace.select(step, layer)
+    for s in STAGES:
+        table.add_row(str(s.number), Text(s.short, style="bold"))
+        for r in (r for r in records if r.stage == s.number):
+            table.add_row("", Text(r.name, style=ROLE_STYLE[r.role]), r.dtype, r.symbolic, _shape(r.shape))
+    table.caption = ROLE_LEGEND
+    table.caption_justify = "left"
+    return table
+
+
+def _preview(r: TensorRecord) -> Group | None:
+    corner = preview(r)
+    if corner is None:
+        return None
+    index, rows = corner
+    table = Table(show_header=False, box=None, padding=(0, 1))
+    for _ in rows[0]:
+        table.add_column(justify="right")
+    for row in rows:
+        table.add_row(*(number(v) for v in row))
+    return Group(Text.assemble((r.name, ROLE_STYLE[r.role]), f"{index} of {_shape(r.shape)}"), table)
+
+
+def stage_detail(trace: Trace, number_: int, step: int, layer: int) -> Group:
+    """One stage: what it does, its tensors with shapes and statistics, a corner of each."""
+    s = stage_info(number_)
+    records = trace.select(step, layer, stage=number_)
+    header = Panel(Text(s.explanation), title=f"Stage {s.number} · {s.title}", title_align="left",
+                   subtitle=where(trace, step, layer) if s.scope != "run" else "once per run",
+                   subtitle_align="left")
+    shapes = _table(None, "tensor", "role", "dtype", "symbolic", "shape")
+    stats = _table(None, "tensor", *STAT_NAMES)
+    for r in records:
+        name = Text(r.name, style=ROLE_STYLE[r.role])
+        shapes.add_row(name, r.role, r.dtype, r.symbolic, _shape(r.shape))
+        stats.add_row(name, *(number(v, digits=4) for v in (r.stats or {}).values()))
+    parts = [header, shapes, stats]
+    previews = [p for p in map(_preview, records) if p is not None]
+    if previews:
+        parts += [Text("Values (a corner of each tensor):", style="bold"), *previews]
+    elif records:
+        parts.append(Text("Values were not kept for this step and layer, only statistics.", style="dim"))
+    if s.number == 1:
+        parts.append(Text("Pieces: " + " ".join(repr(p) for p in trace.pieces)))
+    return Group(*parts)

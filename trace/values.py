@@ -1,0 +1,67 @@
+"""Plain-data views of recorded tensors, shared by the tables and the JSON output."""
+import math
+
+from .recorder import TensorRecord
+
+PREVIEW_ROWS, PREVIEW_COLS = 6, 8
+
+
+HEAD_DIMS = ("H", "Hkv")
+
+
+def preview(record: TensorRecord) -> tuple[str, list[list]] | None:
+    """A corner of the tensor as (index expression, rows of Python numbers).
+
+    Head dimensions are fixed at head 0 (so that a (T, H, Dh) tensor shows
+    tokens by dimensions), then any other dimension beyond the last two at 0.
+    Complex values come as (re, im) pairs, fewer to a row.
+    """
+    values = record.values
+    if values is None:
+        return None
+    if values.dim() == 0:
+        return "", [[values.item()]]
+    names = [n.strip() for n in record.symbolic.strip("()").split(",")]
+    index: list = [slice(None)] * values.dim()
+    free = list(range(values.dim()))
+    for i, name in enumerate(names if len(names) == values.dim() else []):
+        if name in HEAD_DIMS and len(free) > 2:
+            index[i] = 0
+            free.remove(i)
+    while len(free) > 2:
+        index[free.pop(0)] = 0
+    cols = (PREVIEW_COLS // 2 if values.is_complex() else PREVIEW_COLS) * (2 if len(free) == 1 else 1)
+    for dim, limit in zip(free, (PREVIEW_ROWS, cols) if len(free) == 2 else (cols,)):
+        index[dim] = slice(0, min(limit, values.shape[dim]))
+    corner = values[tuple(index)]
+    rows = corner.tolist() if corner.dim() == 2 else [corner.tolist()]
+    if corner.is_complex():
+        rows = [[(z.real, z.imag) for z in row] for row in rows]
+    text = ", ".join(str(i) if isinstance(i, int) else f":{i.stop}" for i in index)
+    return f"[{text}]", rows
+
+
+def number(v, digits: int | None = None) -> str:
+    """Compact text for one value: fixed 4 decimals, or `digits` significant digits."""
+    if isinstance(v, (tuple, list)):
+        re, im = v
+        return f"{number(re, digits)}{'-' if im < 0 else '+'}{number(abs(im), digits)}j"
+    if isinstance(v, int):
+        return str(v)
+    if math.isnan(v) or math.isinf(v):
+        return str(v)
+    if digits:
+        return f"{v:.{digits}g}"
+    if v != 0 and (abs(v) >= 1e4 or abs(v) < 1e-3):
+        return f"{v:.2e}"
+    return f"{v:.4f}"
+
+
+def json_number(v):
+    """JSON has no inf or nan: those become strings."""
+    if isinstance(v, tuple):
+        return [json_number(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
