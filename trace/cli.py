@@ -61,13 +61,13 @@ def _fraction(low: float, high: float):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m trace", formatter_class=argparse.RawDescriptionHelpFormatter,
-                    description="Trace a real LLaMA-architecture model through the 19 stages of the "
+                    description="Trace a real LLaMA-architecture model through the 19 stages of the\n"
                                 "\"LLaMA Nuts and Bolts\" diagrams and show every tensor it computes.",
                     epilog=EXAMPLES)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="generate from a prompt and show its stages",
-                              description="Generate from PROMPT with the model, recording every stage; then "
+                              description="Generate from PROMPT with the model, recording every stage; then\n"
                                           "show the shapes of all 19 stages, or one stage in detail.",
                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     run.error = parser.error
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--stage", type=_stage_number, metavar="N", help="show stage N (1-19) in detail")
     show.add_argument("--layer", type=_count(0), default=0, metavar="L", help="transformer block to show (default 0)")
     show.add_argument("--step", type=_count(0), default=0, metavar="S",
-                      help="0 = the prompt step, 1.. = the step that fed generated token 1.. (default 0)")
+                      help="0 = the prompt step; k = the decode step that feeds generated token k (default 0)")
     show.add_argument("--keep-all", action="store_true",
                       help="keep the values of every step and layer, not just the shown one")
     show.add_argument("--json", action="store_true", help="print the same information as JSON on stdout")
@@ -131,7 +131,8 @@ def cmd_run(args, out: Console, err: Console) -> int:
         return 0
     out.print()
     out.print(f"[dim]{len(trace.new_ids)} new tokens from a {len(trace.prompt_ids)}-token prompt in "
-              f"{trace.seconds:.2f} s · {model_line(trace)}[/dim]")
+              f"{trace.seconds:.2f} s[/dim]")
+    out.print(f"[dim]{model_line(trace)}[/dim]")
     out.print()
     out.print(stage_detail(trace, args.stage, args.step, args.layer) if args.stage
               else shapes_table(trace, args.step, args.layer))

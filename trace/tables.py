@@ -28,8 +28,8 @@ def stages_table() -> Group:
 
 def where(trace: Trace, step: int, layer: int) -> str:
     P, T = trace.positions(step)
-    kind = "prompt step" if step == 0 else f"decode step, token {step} of {trace.n_steps - 1}"
-    return f"step {step} ({kind}: P={P}, T={T}) · layer {layer} of 0..{trace.model.config.n_layers - 1}"
+    kind = "prompt" if step == 0 else f"decode, feeds generated token {step}"
+    return f"step {step} of 0..{trace.n_steps - 1} ({kind}: P={P}, T={T}) · layer {layer} of 0..{trace.model.config.n_layers - 1}"
 
 
 def model_line(trace: Trace) -> str:

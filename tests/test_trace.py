@@ -1,0 +1,91 @@
+"""What the trace records: names and order, capture policy, and no cost without a sink."""
+import torch
+
+from stages import STAGES, generate
+from stages import hooks
+from stages.hooks import record
+from trace import Capture, traced_run
+
+# The ordered (stage, tensor) names recorded at the prompt step for layer 0,
+# with the once-per-run and once-per-step stages around it.
+PINNED = [
+    (1, "token ids"), (2, "token ids"), (2, "tokens"), (3, "tokens"), (3, "tokens[P:P+T]"),
+    (4, "tokens[P:P+T]"), (4, "tok_embeddings"), (4, "x"), (5, "x"),
+    (6, "x"), (6, "attention_norm"), (6, "normalized x"), (7, "normalized x"),
+    (8, "normalized x"), (8, "wq"), (8, "wk"), (8, "wv"), (8, "xq"), (8, "xk"), (8, "xv"),
+    (9, "xq"), (9, "xk"), (9, "xv"), (9, "xq (reshaped)"), (9, "xk (reshaped)"), (9, "xv (reshaped)"),
+    (10, "xq (reshaped)"), (10, "xk (reshaped)"), (10, "freqs_cis"), (10, "xq (pairs)"), (10, "xq (complex)"),
+    (10, "xq (rotated)"), (10, "xk (pairs)"), (10, "xk (complex)"), (10, "xk (rotated)"),
+    (11, "xk (rotated)"), (11, "xv (reshaped)"), (11, "cache_k"), (11, "cache_v"),
+    (12, "keys"), (12, "values"), (12, "keys (repeated)"), (12, "values (repeated)"),
+    (12, "xq (transposed)"), (12, "keys (transposed)"), (12, "values (transposed)"),
+    (13, "xq (transposed)"), (13, "keys (transposed)"), (13, "mask"), (13, "scores"), (13, "scores (softmax)"),
+    (14, "scores (softmax)"), (14, "values (transposed)"), (14, "output"), (14, "output (transposed)"),
+    (14, "wo"), (14, "attention output"), (7, "attention output"),
+    (15, "x"), (15, "attention output"), (15, "h"), (16, "h"), (16, "ffn_norm"), (16, "normalized h"),
+    (17, "normalized h"), (17, "w1"), (17, "w3"), (17, "gate"), (17, "up"), (17, "gate * up"), (17, "w2"),
+    (17, "ffn output"), (18, "h"), (18, "ffn output"), (18, "out"),
+    (19, "h"), (19, "norm"), (19, "normalized h"), (19, "output"), (19, "logits"), (19, "probs"),
+    (19, "next token"),
+]
+
+
+def test_recorded_names_for_one_layer_are_pinned(tiny):
+    model, _ = tiny
+    trace = traced_run(model, "the cat", chat=False, max_new_tokens=3)
+    assert [(r.stage, r.name) for r in trace.select(step=0, layer=0)] == PINNED
+
+
+def test_registry_lists_exactly_what_each_stage_records(tiny):
+    model, _ = tiny
+    trace = traced_run(model, "the cat", chat=False, max_new_tokens=3)
+    for step in range(trace.n_steps):
+        records = trace.select(step=step, layer=1)
+        for s in STAGES:
+            names = [r.name for r in records if r.stage == s.number]
+            expected = [t.name for t in s.tensors if not (t.name == "mask" and step > 0)]  # no mask at T = 1
+            assert names == expected, f"stage {s.number} at step {step}"
+            for r in records:
+                assert r.symbolic == s.spec(r.name).shape if r.stage == s.number else True
+
+
+def test_every_step_and_layer_has_statistics_but_only_the_selection_keeps_values(tiny):
+    model, _ = tiny
+    trace = traced_run(model, "the cat", chat=False, max_new_tokens=3, capture=Capture(step=1, layer=1))
+    layers = model.config.n_layers
+    assert {(r.step, r.layer) for r in trace.records if r.layer is not None} == \
+        {(s, l) for s in range(3) for l in range(layers)}
+    for r in trace.records:
+        assert r.stats is not None and set(r.stats) == {"min", "max", "mean", "std"}
+        selected = r.step is None or (r.step == 1 and r.layer in (None, 1))
+        assert (r.values is not None) == selected, (r.step, r.layer, r.stage, r.name)
+
+
+def test_statistics_are_those_of_the_values(tiny):
+    model, _ = tiny
+    trace = traced_run(model, "the cat", chat=False, max_new_tokens=2, capture=Capture(everything=True))
+    r = next(r for r in trace.records if r.stage == 17 and r.name == "gate" and r.layer == 1 and r.step == 1)
+    v = r.values
+    assert r.stats["min"] == v.min().item() and r.stats["max"] == v.max().item()
+    assert abs(r.stats["mean"] - v.mean().item()) < 1e-6
+
+
+def test_recorded_snapshots_do_not_change_later(tiny):
+    """The tokens tensor is written in place as tokens are generated: the trace keeps what each step saw."""
+    model, _ = tiny
+    trace = traced_run(model, "the cat", chat=False, max_new_tokens=4, capture=Capture(everything=True))
+    T0 = len(trace.prompt_ids)
+    for step in range(trace.n_steps):
+        tokens = next(r for r in trace.records if r.stage == 3 and r.name == "tokens" and r.step == step).values
+        assert tokens[:T0 + step].tolist() == trace.prompt_ids + trace.new_ids[:step]
+        assert (tokens[T0 + step:] == model.tokenizer.pad_id).all()
+
+
+def test_without_a_sink_record_is_a_pass_through(tiny):
+    model, _ = tiny
+    assert hooks._sink is None  # nothing left installed by the traced runs before
+    t = torch.ones(3)
+    assert record(6, "x", t) is t
+    ids = model.tokenizer.encode("the cat", add_bos=False)
+    traced = traced_run(model, "the cat", chat=False, max_new_tokens=5)
+    assert generate(model, ids, 5) == traced.new_ids
