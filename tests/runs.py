@@ -18,5 +18,6 @@ def assert_stages_match(ours: dict, theirs: dict, rtol: float, atol: float, step
     """Every reference tensor equals ours; reports the first that does not, by stage and name."""
     for (stage, name, layer), want in theirs.items():
         got = ours[(stage, name, layer, step)]
+        where = f"stage {stage} {name!r} layer {layer}"
         torch.testing.assert_close(got.reshape(want.shape), want, rtol=rtol, atol=atol,
-                                   msg=lambda m: f"stage {stage} {name!r} layer {layer}: {m}")
+                                   msg=lambda m, where=where: f"{where}: {m}")

@@ -1,7 +1,6 @@
 """The embedded SmolLM2-135M-Instruct against transformers on the same GGUF file:
 tokenizer, every stage of chosen layers, and greedy continuations."""
 import pytest
-import torch
 
 from stages import tokenize
 

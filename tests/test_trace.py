@@ -54,7 +54,7 @@ def test_every_step_and_layer_has_statistics_but_only_the_selection_keeps_values
     trace = traced_run(model, "the cat", chat=False, max_new_tokens=3, capture=Capture(step=1, layer=1))
     layers = model.config.n_layers
     assert {(r.step, r.layer) for r in trace.records if r.layer is not None} == \
-        {(s, l) for s in range(3) for l in range(layers)}
+        {(step, layer) for step in range(3) for layer in range(layers)}
     for r in trace.records:
         assert r.stats is not None and set(r.stats) == {"min", "max", "mean", "std"}
         selected = r.step is None or (r.step == 1 and r.layer in (None, 1))

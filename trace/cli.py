@@ -1,7 +1,6 @@
 """`python -m trace`: run a prompt through a LLaMA model and show its 19 stages."""
 import argparse
 import json
-import sys
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -86,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="where to run (default auto: CUDA when there is a GPU)")
     gen = run.add_argument_group("generation")
-    gen.add_argument("--max-new-tokens", type=_count(1), default=32, metavar="N", help="at most N new tokens (default 32)")
+    gen.add_argument("--max-new-tokens", type=_count(1), default=32, metavar="N",
+                     help="at most N new tokens (default 32)")
     gen.add_argument("--temperature", type=_fraction(0.0, 100.0), default=0.0, metavar="T",
                      help="0 = greedy, the default; above 0 samples")
     gen.add_argument("--top-k", type=_count(0), default=0, metavar="K", help="sample among the K best tokens only")

@@ -12,7 +12,8 @@ from .run import Trace
 from .values import number, preview
 
 ROLE_STYLE = {"in": "cyan", "weight": "magenta", "mid": "default", "out": "green"}
-ROLE_LEGEND = Text.assemble("tensors: ", ("in", "cyan"), " · ", ("weight", "magenta"), " · intermediate · ", ("out", "green"))
+ROLE_LEGEND = Text.assemble("tensors: ", ("in", "cyan"), " · ", ("weight", "magenta"), " · intermediate · ",
+                            ("out", "green"))
 
 
 def stages_table() -> Group:
@@ -29,7 +30,8 @@ def stages_table() -> Group:
 def where(trace: Trace, step: int, layer: int) -> str:
     P, T = trace.positions(step)
     kind = "prompt" if step == 0 else f"decode, feeds generated token {step}"
-    return f"step {step} of 0..{trace.n_steps - 1} ({kind}: P={P}, T={T}) · layer {layer} of 0..{trace.model.config.n_layers - 1}"
+    last_layer = trace.model.config.n_layers - 1
+    return f"step {step} of 0..{trace.n_steps - 1} ({kind}: P={P}, T={T}) · layer {layer} of 0..{last_layer}"
 
 
 def model_line(trace: Trace) -> str:
