@@ -2,6 +2,8 @@
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from .config import TINY, ModelConfig
 from .embedded import embedded_model_path
 from .errors import UserError
@@ -13,13 +15,17 @@ from .registry import NOTATION, STAGES, stage
 from .text import tokenize
 
 
-def load_model(path: str | Path | None = None, device: str = "auto",
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(path: str | Path | None = None, device: str = "auto", dtype: str = "float32",
                progress: Callable[[int, int], None] | None = None) -> Model:
-    """A GGUF file (the embedded SmolLM2-135M-Instruct when `path` is None), on `device`."""
+    """A GGUF file (the embedded SmolLM2-135M-Instruct when `path` is None), on `device`, its
+    weights dequantized to float32 and then cast to `dtype`."""
     torch_device = resolve_device(device)
     name, config, weights, tokenizer = read_gguf(Path(path) if path else embedded_model_path(), progress)
-    return Model.build(name, config, weights, tokenizer, torch_device)
+    return Model.build(name, config, weights, tokenizer, torch_device, DTYPES[dtype])
 
 
-__all__ = ["Model", "ModelConfig", "NOTATION", "STAGES", "Sampling", "TINY", "UserError", "forward_step",
+__all__ = ["DTYPES", "Model", "ModelConfig", "NOTATION", "STAGES", "Sampling", "TINY", "UserError", "forward_step",
            "generate", "load_model", "stage", "tokenize"]

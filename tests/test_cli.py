@@ -170,10 +170,13 @@ def test_cuda_asked_for_without_a_gpu():
 def test_another_gguf_model_with_model(tmp_path):
     path = tmp_path / "tiny.gguf"
     model, _ = tiny_pair(path, n_heads=4, n_kv_heads=2)
+    raw = cli("run", "the cat", "--model", str(path), "--raw", "--stage", "12", "--max-new-tokens", "3")
+    assert raw.returncode == 0, raw.stderr
     result = cli("run", "the cat", "--model", str(path), "--stage", "12", "--max-new-tokens", "3")
-    assert result.returncode == 1 and result.stderr.strip() == "error: this model has no chat template; use --raw"
-    result = cli("run", "the cat", "--model", str(path), "--raw", "--stage", "12", "--max-new-tokens", "3")
     assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "note: this model has no chat template, so the prompt is fed as it is"
+    # the same run (timings aside): the tables after the model line are equal
+    assert result.stdout.split("tiny-random-llama")[1] == raw.stdout.split("tiny-random-llama")[1]
     assert "tiny-random-llama" in result.stdout
     T = len(model.tokenizer.encode("the cat", add_bos=False))
     assert any("keys (repeated)" in line and f"({T}, 4, 16)" in line for line in result.stdout.splitlines())
@@ -194,3 +197,12 @@ def test_installed_command_works_outside_the_repository(tmp_path):
     result = cli("stages", cwd=tmp_path, command=(str(Path(sys.executable).parent / "llama-trace"),))
     assert result.returncode == 0, result.stderr
     assert "Forward Pass Through Output of The Transformer" in result.stdout
+
+
+def test_bfloat16_run_keeps_softmax_and_logits_in_float32():
+    result = cli("run", QUESTION, "--dtype", "bfloat16", "--max-new-tokens", "12", "--stage", "19", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["model"]["dtype"] == "bfloat16" and data["text"].startswith("The capital of France")
+    dtypes = {t["name"]: t["dtype"] for t in data["stages"][0]["tensors"]}
+    assert dtypes["h"] == "bfloat16" and dtypes["logits"] == "float32" and dtypes["probs"] == "float32"

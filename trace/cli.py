@@ -5,7 +5,7 @@ import json
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from stages import Sampling, UserError, load_model
+from stages import DTYPES, Sampling, UserError, load_model
 from stages.registry import STAGES
 
 from .export import stages_to_json, trace_to_json
@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a LLaMA-architecture GGUF file (default: the embedded SmolLM2-135M-Instruct)")
     model.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="where to run (default auto: CUDA when there is a GPU)")
+    model.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                       help="the weights' and activations' dtype (default float32; softmax and logits "
+                            "are always float32)")
     gen = run.add_argument_group("generation")
     gen.add_argument("--max-new-tokens", type=_count(1), default=32, metavar="N",
                      help="at most N new tokens (default 32)")
@@ -105,7 +108,7 @@ def _load(args, err: Console):
     with Progress(TextColumn("Loading model"), BarColumn(), MofNCompleteColumn(), console=err,
                   transient=True) as bar:
         task = bar.add_task("load", total=None)
-        return load_model(args.model, args.device, progress=lambda done, total: bar.update(task, completed=done,
+        return load_model(args.model, args.device, args.dtype, progress=lambda done, total: bar.update(task, completed=done,
                                                                                             total=total))
 
 
@@ -119,8 +122,11 @@ def cmd_run(args, out: Console, err: Console) -> int:
     if args.layer >= model.config.n_layers:
         raise UserError(f"--layer {args.layer} does not exist: this model has layers 0-{model.config.n_layers - 1}")
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    chat = not args.raw and model.tokenizer.chat_template is not None
+    if not args.raw and not chat:
+        err.print("note: this model has no chat template, so the prompt is fed as it is", style="dim")
     stream = None if args.json else (lambda text: out.print(text, end="", markup=False, highlight=False))
-    trace = traced_run(model, args.prompt, chat=not args.raw, max_new_tokens=args.max_new_tokens,
+    trace = traced_run(model, args.prompt, chat=chat, max_new_tokens=args.max_new_tokens,
                        sampling=sampling, capture=Capture(args.step, args.layer, everything=args.keep_all),
                        on_text=stream)
     if args.step >= trace.n_steps:
