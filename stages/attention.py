@@ -58,6 +58,7 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 def do_transposes(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n_rep: int):
     """Stage 12. xq (T, H, Dh) -> (H, T, Dh); keys, values (P+T, Hkv, Dh) -> (P+T, H, Dh) -> (H, P+T, Dh)."""
+    record(12, "xq (rotated)", xq)
     record(12, "keys", keys)
     record(12, "values", values)
     keys = record(12, "keys (repeated)", repeat_kv(keys, n_rep))  # (P+T, H, Dh)

@@ -17,7 +17,7 @@ PINNED = [
     (10, "xq (reshaped)"), (10, "xk (reshaped)"), (10, "freqs_cis"), (10, "xq (pairs)"), (10, "xq (complex)"),
     (10, "xq (rotated)"), (10, "xk (pairs)"), (10, "xk (complex)"), (10, "xk (rotated)"),
     (11, "xk (rotated)"), (11, "xv (reshaped)"), (11, "cache_k"), (11, "cache_v"),
-    (12, "keys"), (12, "values"), (12, "keys (repeated)"), (12, "values (repeated)"),
+    (12, "xq (rotated)"), (12, "keys"), (12, "values"), (12, "keys (repeated)"), (12, "values (repeated)"),
     (12, "xq (transposed)"), (12, "keys (transposed)"), (12, "values (transposed)"),
     (13, "xq (transposed)"), (13, "keys (transposed)"), (13, "mask"), (13, "scores"), (13, "scores (softmax)"),
     (14, "scores (softmax)"), (14, "values (transposed)"), (14, "output"), (14, "output (transposed)"),

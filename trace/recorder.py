@@ -57,15 +57,20 @@ def _stats(t: torch.Tensor) -> torch.Tensor | None:
 @dataclass(frozen=True)
 class Capture:
     """Which records keep their values: everything, or one step and one layer
-    (plus the records outside the layers of that step, and stages 1 and 2)."""
+    (plus the records outside the layers of that step, and stages 1 and 2),
+    plus some stages at every layer of that step or at every step of that layer."""
     step: int = 0
     layer: int = 0
     everything: bool = False
+    across_layers: frozenset[int] = frozenset()  # stages kept at every layer of `step`
+    across_steps: frozenset[int] = frozenset()  # stages kept at every step for `layer`
 
-    def keeps(self, step: int | None, layer: int | None) -> bool:
+    def keeps(self, stage: int, step: int | None, layer: int | None) -> bool:
         if self.everything or step is None:
             return True
-        return step == self.step and layer in (None, self.layer)
+        if stage in self.across_steps and layer in (None, self.layer):
+            return True
+        return step == self.step and (layer in (None, self.layer) or stage in self.across_layers)
 
 
 class Recorder:
@@ -91,7 +96,7 @@ class Recorder:
             stats = self._weight_stats[key]
         else:
             stats = _stats(tensor)
-        keep = self.capture.keeps(self.step, self.layer)
+        keep = self.capture.keeps(stage, self.step, self.layer)
         self.records.append(TensorRecord(
             step=self.step, layer=self.layer, stage=stage, name=name, role=spec.role, symbolic=spec.shape,
             dtype=_dtype_name(tensor), shape=tuple(tensor.shape), _stats=stats,

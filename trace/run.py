@@ -39,6 +39,12 @@ class Trace:
             return 0, len(self.prompt_ids)
         return len(self.prompt_ids) + step - 1, 1
 
+    def describe(self, step: int, layer: int) -> str:
+        P, T = self.positions(step)
+        kind = "prompt" if step == 0 else f"decode, feeds generated token {step}"
+        last_layer = self.model.config.n_layers - 1
+        return f"step {step} of 0..{self.n_steps - 1} ({kind}: P={P}, T={T}) · layer {layer} of 0..{last_layer}"
+
     def select(self, step: int, layer: int, stage: int | None = None) -> list[TensorRecord]:
         """The records of one step and layer (with those made once per run or per step), in order."""
         def wanted(r: TensorRecord) -> bool:

@@ -9,11 +9,12 @@ from stages.registry import NOTATION, STAGES, stage as stage_info
 
 from .recorder import STAT_NAMES, TensorRecord
 from .run import Trace
-from .values import number, preview
+from .heatmap import terminal_heatmap
+from .values import as_matrix, number, preview
 
-ROLE_STYLE = {"in": "cyan", "weight": "magenta", "mid": "default", "out": "green"}
-ROLE_LEGEND = Text.assemble("tensors: ", ("in", "cyan"), " · ", ("weight", "magenta"), " · intermediate · ",
-                            ("out", "green"))
+ROLE_STYLE = {"in": "cyan", "weight": "magenta", "aux": "yellow", "mid": "default", "out": "green"}
+ROLE_LEGEND = Text.assemble("tensors: ", ("in", "cyan"), " · ", ("weight", "magenta"), " · ",
+                            ("aux (made for this step)", "yellow"), " · intermediate · ", ("out", "green"))
 
 
 def stages_table() -> Group:
@@ -25,13 +26,6 @@ def stages_table() -> Group:
         table.add_row(str(s.number), s.title, s.scope)
     legend = Text("Shapes: " + ", ".join(f"{k} = {v}" for k, v in NOTATION), style="dim")
     return Group(table, legend)
-
-
-def where(trace: Trace, step: int, layer: int) -> str:
-    P, T = trace.positions(step)
-    kind = "prompt" if step == 0 else f"decode, feeds generated token {step}"
-    last_layer = trace.model.config.n_layers - 1
-    return f"step {step} of 0..{trace.n_steps - 1} ({kind}: P={P}, T={T}) · layer {layer} of 0..{last_layer}"
 
 
 def model_line(trace: Trace) -> str:
@@ -53,7 +47,7 @@ def _table(title: str | None, *columns: str) -> Table:
 
 def shapes_table(trace: Trace, step: int, layer: int) -> Table:
     """Every stage's tensors for one step and layer: dtype, symbolic and concrete shape."""
-    table = _table(f"Shapes at {where(trace, step, layer)}", "#", "tensor", "dtype", "symbolic", "shape")
+    table = _table(f"Shapes at {trace.describe(step, layer)}", "#", "tensor", "dtype", "symbolic", "shape")
     records = trace.select(step, layer)
     for s in STAGES:
         table.add_row(str(s.number), Text(s.short, style="bold"))
@@ -77,12 +71,22 @@ def _preview(r: TensorRecord) -> Group | None:
     return Group(Text.assemble((r.name, ROLE_STYLE[r.role]), f"{index} of {_shape(r.shape)}"), table)
 
 
-def stage_detail(trace: Trace, number_: int, step: int, layer: int) -> Group:
+def _heatmap(trace: Trace, s, records: list[TensorRecord], head: int):
+    main = next((r for r in records if r.name == s.main and r.values is not None), None)
+    if main is None or main.values.numel() < 2:
+        return None
+    matrix, rows, cols, what = as_matrix(main, head, trace.model.config.n_rep)
+    if matrix.is_complex():
+        matrix = matrix.abs()
+    return terminal_heatmap(matrix, f"Heatmap of {main.name} {what} (rows {rows or '-'}, columns {cols})")
+
+
+def stage_detail(trace: Trace, number_: int, step: int, layer: int, head: int = 0) -> Group:
     """One stage: what it does, its tensors with shapes and statistics, a corner of each."""
     s = stage_info(number_)
     records = trace.select(step, layer, stage=number_)
     header = Panel(Text(s.explanation), title=f"Stage {s.number} · {s.title}", title_align="left",
-                   subtitle=where(trace, step, layer) if s.scope != "run" else "once per run",
+                   subtitle=trace.describe(step, layer) if s.scope != "run" else "once per run",
                    subtitle_align="left")
     shapes = _table(None, "tensor", "role", "dtype", "symbolic", "shape")
     stats = _table(None, "tensor", *STAT_NAMES)
@@ -91,6 +95,8 @@ def stage_detail(trace: Trace, number_: int, step: int, layer: int) -> Group:
         shapes.add_row(name, r.role, r.dtype, r.symbolic, _shape(r.shape))
         stats.add_row(name, *(number(v, digits=4) for v in (r.stats or {}).values()))
     parts = [header, shapes, stats]
+    if (heatmap := _heatmap(trace, s, records, head)) is not None:
+        parts.append(heatmap)
     previews = [p for p in map(_preview, records) if p is not None]
     if previews:
         parts += [Text("Values (a corner of each tensor):", style="bold"), *previews]

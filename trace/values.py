@@ -1,12 +1,42 @@
 """Plain-data views of recorded tensors, shared by the tables and the JSON output."""
 import math
 
+import torch
+
 from .recorder import TensorRecord
 
 PREVIEW_ROWS, PREVIEW_COLS = 6, 8
 
 
 HEAD_DIMS = ("H", "Hkv")
+
+
+def dim_names(record: TensorRecord) -> list[str]:
+    """The symbolic name of each dimension, e.g. ["T", "H", "Dh"] for "(T, H, Dh)"."""
+    return [n.strip() for n in record.symbolic.strip("()").split(",") if n.strip()]
+
+
+def as_matrix(record: TensorRecord, head: int, n_rep: int) -> tuple[torch.Tensor, str, str, str]:
+    """The recorded values as one 2-D picture: (matrix, row name, column name, what was taken).
+
+    A query-head dimension is fixed at `head`, a KV-head dimension at the KV head
+    that serves it; a trailing pair dimension is folded back into the one before.
+    1-D values become one row.
+    """
+    values, names = record.values, dim_names(record)
+    taken = []
+    for dim in reversed(range(values.dim())):
+        if values.dim() > 2 and names[dim] in HEAD_DIMS:
+            index = head if names[dim] == "H" else head // n_rep
+            values = values.select(dim, index)
+            taken.append(f"{'head' if names.pop(dim) == 'H' else 'KV head'} {index}")
+    while values.dim() > 2:  # (…, Dh/2, 2) -> (…, Dh)
+        values = values.flatten(-2)
+        names[-2:] = ["·".join(names[-2:])]
+    if values.dim() < 2:
+        values = values.reshape(1, -1)
+        names = ["", *names] if names else ["", ""]
+    return values, names[0], names[1], f"({', '.join(taken)})" if taken else ""
 
 
 def preview(record: TensorRecord) -> tuple[str, list[list]] | None:
@@ -21,7 +51,7 @@ def preview(record: TensorRecord) -> tuple[str, list[list]] | None:
         return None
     if values.dim() == 0:
         return "", [[values.item()]]
-    names = [n.strip() for n in record.symbolic.strip("()").split(",")]
+    names = dim_names(record)
     index: list = [slice(None)] * values.dim()
     free = list(range(values.dim()))
     for i, name in enumerate(names if len(names) == values.dim() else []):

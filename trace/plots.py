@@ -1,0 +1,276 @@
+"""Matplotlib figures of a trace, for the stages where a picture teaches most;
+every other stage gets a heatmap of its main tensor. Axes are labelled with the
+real tokens, positions, heads and dimensions."""
+import io
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no window: works on machines without a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from stages import UserError  # noqa: E402
+from stages.registry import stage as stage_info  # noqa: E402
+
+from .recorder import Capture, TensorRecord  # noqa: E402
+from .run import Trace  # noqa: E402
+from .values import as_matrix  # noqa: E402
+
+DPI = 100
+PLOT_FORMATS = ("png", "svg", "pdf")
+MAX_TICKS = 40  # more labels than this overlap: show every k-th
+
+
+def capture_for_plot(stage: int, step: int, layer: int) -> Capture:
+    """What a run must keep for the figure of `stage`: the selection, and for some figures more."""
+    across_layers = frozenset({4, 15, 18}) if stage in (15, 18) else frozenset()
+    across_steps = frozenset({11}) if stage in (11, 12) else frozenset()
+    return Capture(step, layer, across_layers=across_layers, across_steps=across_steps)
+
+
+def _token_label(piece: str) -> str:
+    text = repr(piece)[1:-1]
+    return text if len(text) <= 12 else text[:11] + "…"
+
+
+def _ticks(ax, axis: str, labels: list[str], start: int = 0, numbered: bool = True) -> None:
+    """Label an image axis with `labels` (after their position number), thinned to at most
+    MAX_TICKS so that they never overlap."""
+    every = max(1, math.ceil(len(labels) / MAX_TICKS))
+    positions = list(range(0, len(labels), every))
+    text = [labels[i] if not numbered else f"{start + i}: {labels[i]}" if labels[i] else str(start + i)
+            for i in positions]
+    if axis == "y":
+        ax.set_yticks(positions, text, fontsize=7)
+    else:
+        ax.set_xticks(positions, text, fontsize=7, rotation=90)
+
+
+def _colormap(name: str):
+    return plt.get_cmap(name).with_extremes(bad="#b0b0b0")  # -inf (masked) and empty places are grey
+
+
+def _image(ax, matrix: np.ndarray, title: str, cmap: str | None = None, center: bool | None = None, **kw):
+    finite = matrix[np.isfinite(matrix)]
+    if center is None:
+        center = finite.size > 0 and finite.min() < 0 < finite.max()
+    if center and finite.size:
+        bound = float(np.abs(finite).max()) or 1.0
+        kw.setdefault("vmin", -bound)
+        kw.setdefault("vmax", bound)
+    im = ax.imshow(np.ma.masked_invalid(matrix), aspect="auto", interpolation="nearest",
+                   cmap=_colormap(cmap or ("RdBu_r" if center else "viridis")), **kw)
+    ax.set_title(title, fontsize=10)
+    ax.figure.colorbar(im, ax=ax, fraction=0.04, pad=0.01)
+    return im
+
+
+def _get(trace: Trace, stage: int, name: str, step: int | None, layer: int | None) -> TensorRecord:
+    for r in trace.records:
+        if r.stage == stage and r.name == name and r.step == step and r.layer == layer and r.values is not None:
+            return r
+    raise UserError(f"the trace kept no values of stage {stage} {name!r} at step {step}, layer {layer}")
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().numpy()
+
+
+class Figures:
+    """The figure for one stage of one trace at a step, layer and head."""
+
+    def __init__(self, trace: Trace, step: int, layer: int, head: int):
+        self.trace, self.step, self.layer, self.head = trace, step, layer, head
+        self.config = trace.model.config
+        self.P, self.T = trace.positions(step)
+        ids = trace.prompt_ids + trace.new_ids
+        self.pieces = [_token_label(trace.model.tokenizer.piece(i)) for i in ids]
+        self.where = trace.describe(step, layer)
+
+    def figure(self, width: float, height: float, title: str) -> Figure:
+        fig = plt.figure(figsize=(width, height), dpi=DPI, layout="constrained")
+        fig.suptitle(f"{title}\n{self.where} · {self.trace.model.name}", fontsize=11)
+        return fig
+
+    def get(self, stage: int, name: str, layer: int | None = -1, step: int | None = -1) -> TensorRecord:
+        return _get(self.trace, stage, name, self.step if step == -1 else step,
+                    self.layer if layer == -1 else layer)
+
+    def new_tokens(self) -> list[str]:
+        return self.pieces[self.P:self.P + self.T]
+
+    # Stage 4 -------------------------------------------------------------
+    def embeddings(self) -> Figure:
+        fig = self.figure(14, 7, "Stage 4: the embedding vector of each token fed (rows of tok_embeddings)")
+        ax = fig.add_subplot()
+        _image(ax, _np(self.get(4, "x", layer=None).values), "x (T, D)")
+        _ticks(ax, "y", self.new_tokens(), self.P)
+        ax.set_xlabel("dimension (D)")
+        return fig
+
+    # Stage 10 ------------------------------------------------------------
+    def rotary(self) -> Figure:
+        kv_head = self.head // self.config.n_rep
+        fig = self.figure(16, 9, f"Stage 10: rotary embeddings (interleaved pairs), query head {self.head}, "
+                                 f"its KV head {kv_head}")
+        grid = fig.add_gridspec(2, 3)
+        freqs = self.get(10, "freqs_cis").values
+        angles = np.angle(freqs.numpy()) % (2 * np.pi)
+        ax = fig.add_subplot(grid[:, 0])
+        _image(ax, angles, "rotation angle pos·θ_i (mod 2π)", cmap="twilight", center=False, vmin=0, vmax=2 * np.pi)
+        _ticks(ax, "y", self.new_tokens(), self.P)
+        ax.set_xlabel("pair i (dimensions 2i, 2i+1)")
+        for row, (name, head) in enumerate((("xq", self.head), ("xk", kv_head))):
+            for col, (suffix, label) in enumerate((("reshaped", "before"), ("rotated", "after"))):
+                ax = fig.add_subplot(grid[row, col + 1])
+                values = _np(self.get(10, f"{name} ({suffix})").values[:, head, :])
+                _image(ax, values, f"{name} {label} rotation, head {head} (T, Dh)")
+                _ticks(ax, "y", self.new_tokens(), self.P)
+                ax.set_xlabel("dimension (Dh)")
+        return fig
+
+    # Stages 11 and 12 ----------------------------------------------------
+    def kv_cache(self) -> Figure:
+        fig = self.figure(16, 7, f"Stages 11-12: the KV cache of layer {self.layer} filling up, and which query "
+                                 f"heads share each KV head")
+        grid = fig.add_gridspec(1, 3)
+        steps = self.trace.n_steps
+        width = self.trace.positions(steps - 1)[0] + self.trace.positions(steps - 1)[1]
+        filled = np.full((steps, width), np.nan)
+        for s in range(steps):
+            cache_k = self.get(11, "cache_k", step=s).values  # (P+T, Hkv, Dh)
+            filled[s, :cache_k.shape[0]] = _np(cache_k.norm(dim=-1).mean(dim=-1))
+        ax = fig.add_subplot(grid[0, :2])
+        _image(ax, filled, "‖key‖ per cached position (mean over KV heads); grey: not yet written")
+        ax.set_ylabel("step")
+        _ticks(ax, "y", [""] * steps)
+        _ticks(ax, "x", self.pieces[:width])
+        keys = self.get(12, "keys").values  # (P+T, Hkv, Dh)
+        repeated = self.get(12, "keys (repeated)").values  # (P+T, H, Dh)
+        shares = np.array([[float(torch.equal(repeated[:, h], keys[:, j])) for j in range(keys.shape[1])]
+                           for h in range(repeated.shape[1])])
+        ax = fig.add_subplot(grid[0, 2])
+        _image(ax, shares, "query head h reads KV head j (from the values)", cmap="Greens", center=False)
+        ax.set_xlabel("KV head")
+        ax.set_ylabel("query head")
+        ax.set_xticks(range(shares.shape[1]))
+        ax.set_yticks(range(shares.shape[0]))
+        return fig
+
+    # Stage 13 ------------------------------------------------------------
+    def scores(self) -> Figure:
+        scores = self.get(13, "scores").values  # (H, T, P+T), -inf where masked
+        probs = self.get(13, "scores (softmax)").values
+        keys = self.pieces[:self.P + self.T]
+        if self.T == 1:  # decode: one query row per head over every cached position
+            fig = self.figure(16, 8, "Stage 13: the new token's scores over every cached position, per head")
+            for row, (matrix, title) in enumerate(((scores, "scores = xq · keysᵀ / √Dh"),
+                                                   (probs, "softmax(scores)"))):
+                ax = fig.add_subplot(2, 1, row + 1)
+                _image(ax, _np(matrix[:, 0, :]), title)
+                ax.set_ylabel("head")
+                ax.set_yticks(range(matrix.shape[0]))
+                _ticks(ax, "x", keys)
+            return fig
+        fig = self.figure(18, 11, f"Stage 13: attention scores before and after softmax (head {self.head} large, "
+                                  f"then every head); grey = masked (-inf)")
+        n = self.config.n_heads
+        cols = math.ceil(math.sqrt(n))
+        rows = math.ceil(n / cols)
+        grid = fig.add_gridspec(rows, 2 + cols)
+        for col, (matrix, title) in enumerate(((scores, "scores + mask"), (probs, "softmax"))):
+            ax = fig.add_subplot(grid[:, col])
+            _image(ax, _np(matrix[self.head]), f"head {self.head}: {title}")
+            _ticks(ax, "y", self.new_tokens(), self.P)
+            _ticks(ax, "x", keys)
+        for h in range(n):
+            ax = fig.add_subplot(grid[h // cols, 2 + h % cols])
+            visible = np.where(np.isfinite(_np(scores[h])), _np(probs[h]), np.nan)  # masked places grey
+            ax.imshow(np.ma.masked_invalid(visible), aspect="auto", interpolation="nearest",
+                      cmap=_colormap("viridis"))
+            ax.set_title(f"head {h}", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        return fig
+
+    # Stages 15 and 18 ----------------------------------------------------
+    def residual_stream(self) -> Figure:
+        fig = self.figure(14, 10, "Stages 15 and 18: the size of the residual stream, ‖x‖ per token, layer by layer")
+        rows, labels = [_np(self.get(4, "x", layer=None).values.norm(dim=-1))], ["embedding"]
+        for layer in range(self.config.n_layers):
+            rows.append(_np(self.get(15, "h", layer=layer).values.norm(dim=-1)))
+            labels.append(f"{layer} + attention")
+            rows.append(_np(self.get(18, "out", layer=layer).values.norm(dim=-1)))
+            labels.append(f"{layer} + FFN")
+        ax = fig.add_subplot()
+        matrix = np.stack(rows)
+        _image(ax, matrix, "‖x‖ (log colour scale)", norm=matplotlib.colors.LogNorm(), center=False)
+        _ticks(ax, "y", labels, numbered=False)
+        _ticks(ax, "x", self.new_tokens(), self.P)
+        ax.set_ylabel("layer")
+        return fig
+
+    # Stage 17 ------------------------------------------------------------
+    def ffn(self) -> Figure:
+        fig = self.figure(16, 10, "Stage 17: SwiGLU, gate = silu(h · w1ᵀ), up = h · w3ᵀ, and their product")
+        for row, name in enumerate(("gate", "up", "gate * up")):
+            ax = fig.add_subplot(3, 1, row + 1)
+            _image(ax, _np(self.get(17, name).values), f"{name} (T, F)")
+            _ticks(ax, "y", self.new_tokens(), self.P)
+        ax.set_xlabel("hidden dimension (F)")
+        return fig
+
+    # Stage 19 ------------------------------------------------------------
+    def next_token(self, k: int = 20) -> Figure:
+        probs = self.get(19, "probs", layer=None).values
+        chosen = int(self.get(19, "next token", layer=None).values)
+        top = torch.topk(probs, k)
+        ids = top.indices.tolist()
+        if chosen not in ids:
+            ids[-1] = chosen
+        values = probs[ids].numpy()
+        fig = self.figure(12, 7, f"Stage 19: the next-token distribution (top {k}), the chosen token in red")
+        ax = fig.add_subplot()
+        labels = [f"{_token_label(self.trace.model.tokenizer.piece(i))} ({i})" for i in ids]
+        ax.barh(range(len(ids)), values, color=["#c62828" if i == chosen else "#1e88e5" for i in ids])
+        ax.set_yticks(range(len(ids)), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("probability")
+        for y, v in enumerate(values):
+            ax.text(v, y, f" {v:.3g}", va="center", fontsize=7)
+        return fig
+
+    # Every other stage ---------------------------------------------------
+    def main_tensor(self, number: int) -> Figure:
+        stage = stage_info(number)
+        record = self.get(number, stage.main, layer=self.layer if stage.scope == "layer" else None,
+                          step=None if stage.scope == "run" else -1)
+        matrix, rows, cols, what = as_matrix(record, self.head, self.config.n_rep)
+        fig = self.figure(14, 7, f"Stage {number}: {stage.title}")
+        ax = fig.add_subplot()
+        if matrix.is_complex():
+            matrix = matrix.abs()
+        _image(ax, _np(matrix), f"{record.name} {what}")
+        if rows == "T":
+            _ticks(ax, "y", self.new_tokens(), self.P)
+        ax.set_ylabel(rows)
+        ax.set_xlabel(cols)
+        return fig
+
+
+def stage_figure(trace: Trace, stage: int, step: int, layer: int, head: int) -> Figure:
+    """The figure for `stage`; `trace` must have kept what capture_for_plot asks for."""
+    f = Figures(trace, step, layer, head)
+    special = {4: f.embeddings, 10: f.rotary, 11: f.kv_cache, 12: f.kv_cache, 13: f.scores,
+               15: f.residual_stream, 17: f.ffn, 18: f.residual_stream, 19: f.next_token}
+    return special[stage]() if stage in special else f.main_tensor(stage)
+
+
+def figure_bytes(fig: Figure, fmt: str = "png") -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=fmt, dpi=DPI)
+    plt.close(fig)
+    return buffer.getvalue()
