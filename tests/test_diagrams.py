@@ -77,7 +77,8 @@ def test_an_existing_file_is_not_overwritten_without_force(tmp_path):
     out = tmp_path / "mine.svg"
     out.write_text("my own drawing")
     result = cli("diagram", "--symbolic", "-o", str(out))
-    assert result.returncode == 1 and result.stderr.strip() == f"error: {out} exists already (add --force to overwrite it)"
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: {out} exists already (add --force to overwrite it)"
     assert out.read_text() == "my own drawing"
     assert cli("diagram", "--symbolic", "-o", str(out), "--force").returncode == 0
     assert "<svg" in out.read_text()
@@ -104,4 +105,5 @@ def test_missing_dot_is_said_clearly(tmp_path):
     assert shutil.which("dot", path=str(bin_dir)) is None
     result = cli("diagram", "--symbolic", "-o", str(tmp_path / "d.svg"), PATH=str(bin_dir))
     assert result.returncode == 1
-    assert result.stderr.strip() == "error: graphviz's 'dot' program is not installed (Debian/Ubuntu: apt-get install graphviz)"
+    assert result.stderr.strip() == \
+        "error: graphviz's 'dot' program is not installed (Debian/Ubuntu: apt-get install graphviz)"
