@@ -97,3 +97,17 @@ def test_terminal_heatmap_keeps_masked_cells_grey_and_exact_extremes():
     text = console.file.getvalue()
     assert "38;2;90;90;90" in text  # the grey of the masked cell, as a foreground colour
     assert "-3 " in text and " 3" in text and "grey: -inf (masked)" in text
+
+
+@pytest.mark.parametrize("number", [13, 17, 10, 15])
+def test_tick_labels_never_overlap(embedded_model, number):
+    prompt = "Tell me, in detail and with examples, why the sky is blue during the day and red at sunset."
+    trace = traced_run(embedded_model, prompt, max_new_tokens=1, capture=Capture(everything=True))
+    fig = stage_figure(trace, number, step=0, layer=0, head=0)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        for labels in (ax.get_xticklabels(), ax.get_yticklabels()):
+            boxes = [t.get_window_extent(renderer) for t in labels if t.get_text()]
+            for a, b in zip(boxes, boxes[1:]):
+                assert not a.overlaps(b), (number, ax.get_title(), a, b)

@@ -21,7 +21,9 @@ from .values import as_matrix  # noqa: E402
 
 DPI = 100
 PLOT_FORMATS = ("png", "svg", "pdf")
-MAX_TICKS = 40  # more labels than this overlap: show every k-th
+MAX_TICKS = 40  # at most this many labels on an axis: beyond, every k-th
+TICK_FONT = 7
+CLIP_PERCENTILE = 99.5
 
 
 def capture_for_plot(stage: int, step: int, layer: int) -> Capture:
@@ -36,17 +38,25 @@ def _token_label(piece: str) -> str:
     return text if len(text) <= 12 else text[:11] + "…"
 
 
+def _room(ax, axis: str) -> int:
+    """How many tick labels fit along an axis without touching."""
+    box = ax.get_position()  # in figure fractions; the layout engine later trims it a little
+    width, height = ax.figure.get_size_inches()
+    inches = box.height * height if axis == "y" else box.width * width
+    return max(2, int(inches * 72 * 0.85 / (TICK_FONT * 1.5)))
+
+
 def _ticks(ax, axis: str, labels: list[str], start: int = 0, numbered: bool = True) -> None:
-    """Label an image axis with `labels` (after their position number), thinned to at most
-    MAX_TICKS so that they never overlap."""
-    every = max(1, math.ceil(len(labels) / MAX_TICKS))
+    """Label an image axis with `labels` (after their position number), every k-th one only
+    when they would not fit, so that they never overlap."""
+    every = max(1, math.ceil(len(labels) / min(MAX_TICKS, _room(ax, axis))))
     positions = list(range(0, len(labels), every))
     text = [labels[i] if not numbered else f"{start + i}: {labels[i]}" if labels[i] else str(start + i)
             for i in positions]
     if axis == "y":
-        ax.set_yticks(positions, text, fontsize=7)
+        ax.set_yticks(positions, text, fontsize=TICK_FONT)
     else:
-        ax.set_xticks(positions, text, fontsize=7, rotation=90)
+        ax.set_xticks(positions, text, fontsize=TICK_FONT, rotation=90)
 
 
 def _colormap(name: str):
@@ -59,6 +69,11 @@ def _image(ax, matrix: np.ndarray, title: str, cmap: str | None = None, center: 
         center = finite.size > 0 and finite.min() < 0 < finite.max()
     if center and finite.size:
         bound = float(np.abs(finite).max()) or 1.0
+        typical = float(np.percentile(np.abs(finite), CLIP_PERCENTILE))
+        if 0 < typical < bound / 5:
+            # A few huge outliers (LLMs have some) would leave everything else white.
+            bound = typical
+            title += f"  [colours clipped at ±{typical:.3g}; max |value| {float(np.abs(finite).max()):.3g}]"
         kw.setdefault("vmin", -bound)
         kw.setdefault("vmax", bound)
     im = ax.imshow(np.ma.masked_invalid(matrix), aspect="auto", interpolation="nearest",
