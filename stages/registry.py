@@ -13,6 +13,10 @@ class TensorSpec:
     name: str
     shape: str  # symbolic, e.g. "(T, H, Dh)"
     role: str  # "in" (from the stage before), "weight", "aux" (made for this step), "mid" or "out"
+    # The tensor whose memory this one shows again (reshaped, or the very same tensor): a tensor
+    # of this stage, else the latest earlier stage's (for stage 7, stage 14's; "out" is the
+    # block output of the layer before), else a memory block shared by all steps.
+    view_of: str | None = None
 
 
 @dataclass(frozen=True)
@@ -41,8 +45,8 @@ class Stage:
         raise KeyError(f"stage {self.number} shows no tensor named {name!r}")
 
 
-def _t(role: str, name: str, shape: str) -> TensorSpec:
-    return TensorSpec(name, shape, role)
+def _t(role: str, name: str, shape: str, view_of: str | None = None) -> TensorSpec:
+    return TensorSpec(name, shape, role, view_of)
 
 
 def _names(names: str | tuple[str, ...]) -> tuple[str, ...]:
@@ -67,7 +71,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(3, "Looping through sequence length", "sequence loop", "step",
           "The generation loop. Step 0 feeds the whole prompt at once (prefill, P = 0); every "
           "later step feeds only the token chosen by the step before (decode, P grows by 1).",
-          (_t("in", "tokens", "(S)"), _t("out", "tokens[P:P+T]", "(T)")),
+          (_t("in", "tokens", "(S)"), _t("out", "tokens[P:P+T]", "(T)", "tokens")),
           (_op("slice P:P+T", "tokens", "tokens[P:P+T]"),), "tokens[P:P+T]"),
     Stage(4, "Creating inputTensor", "input tensor", "step",
           "Embedding lookup: each id picks its row of the token-embedding matrix.",
@@ -77,7 +81,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(5, "Forward Pass Through Each Transformer Block", "block loop", "layer",
           "The L transformer blocks run one after the other; block i's output is block i+1's "
           "input.",
-          (_t("in", "x", "(T, D)"),),
+          (_t("in", "x", "(T, D)", "out"),),
           (_op("through block 0, 1, ..., L-1", "x", ()),), "x"),
     Stage(6, "Forward Pass Through Attention Pre-normalization", "attention pre-norm", "layer",
           "RMSNorm: each row is divided by its root mean square (plus eps), then scaled "
@@ -87,7 +91,7 @@ STAGES: tuple[Stage, ...] = (
           (_op("RMSNorm", ("x", "attention_norm"), "normalized x"),), "normalized x"),
     Stage(7, "Forward Pass Through Attention Module", "attention module", "layer",
           "Multi-head self-attention as one box: stages 8 to 14.",
-          (_t("in", "normalized x", "(T, D)"), _t("out", "attention output", "(T, D)")),
+          (_t("in", "normalized x", "(T, D)"), _t("out", "attention output", "(T, D)", "attention output")),
           (_op("stages 8 to 14", "normalized x", "attention output"),), "attention output"),
     Stage(8, "Forward Pass Through Attention Module - Calculating xq, xk, and xv", "xq, xk, xv",
           "layer",
@@ -102,8 +106,8 @@ STAGES: tuple[Stage, ...] = (
     Stage(9, "Forward Pass Through Attention Module - Do reshapings", "reshapes", "layer",
           "The last dimension is split into heads: no number changes, only the shape.",
           (_t("in", "xq", "(T, H·Dh)"), _t("in", "xk", "(T, Hkv·Dh)"), _t("in", "xv", "(T, Hkv·Dh)"),
-           _t("out", "xq (reshaped)", "(T, H, Dh)"), _t("out", "xk (reshaped)", "(T, Hkv, Dh)"),
-           _t("out", "xv (reshaped)", "(T, Hkv, Dh)")),
+           _t("out", "xq (reshaped)", "(T, H, Dh)", "xq"), _t("out", "xk (reshaped)", "(T, Hkv, Dh)", "xk"),
+           _t("out", "xv (reshaped)", "(T, Hkv, Dh)", "xv")),
           (_op("view as heads", "xq", "xq (reshaped)"), _op("view as heads", "xk", "xk (reshaped)"),
            _op("view as heads", "xv", "xv (reshaped)")), "xq (reshaped)"),
     Stage(10, "Forward Pass Through Attention Module - Apply Rotary Embeddings", "rotary", "layer",
@@ -112,10 +116,12 @@ STAGES: tuple[Stage, ...] = (
           "multiplied by freqs_cis = exp(j·pos·θ_i), i.e. rotated by the angle pos·θ_i. "
           "Values are not rotated.",
           (_t("in", "xq (reshaped)", "(T, H, Dh)"), _t("in", "xk (reshaped)", "(T, Hkv, Dh)"),
-           _t("aux", "freqs_cis", "(T, Dh/2)"),
-           _t("mid", "xq (pairs)", "(T, H, Dh/2, 2)"), _t("mid", "xq (complex)", "(T, H, Dh/2)"),
+           _t("aux", "freqs_cis", "(T, Dh/2)", "the table of every position"),
+           _t("mid", "xq (pairs)", "(T, H, Dh/2, 2)", "xq (reshaped)"),
+           _t("mid", "xq (complex)", "(T, H, Dh/2)", "xq (pairs)"),
            _t("out", "xq (rotated)", "(T, H, Dh)"),
-           _t("mid", "xk (pairs)", "(T, Hkv, Dh/2, 2)"), _t("mid", "xk (complex)", "(T, Hkv, Dh/2)"),
+           _t("mid", "xk (pairs)", "(T, Hkv, Dh/2, 2)", "xk (reshaped)"),
+           _t("mid", "xk (complex)", "(T, Hkv, Dh/2)", "xk (pairs)"),
            _t("out", "xk (rotated)", "(T, Hkv, Dh)")),
           (_op("reshape into pairs", "xq (reshaped)", "xq (pairs)"), _op("as complex", "xq (pairs)", "xq (complex)"),
            _op("× freqs_cis, back to real", ("xq (complex)", "freqs_cis"), "xq (rotated)"),
@@ -125,18 +131,20 @@ STAGES: tuple[Stage, ...] = (
           "The rotated keys and the values of the new positions P..P+T-1 are written into "
           "this layer's cache; the cache now holds every position seen so far.",
           (_t("in", "xk (rotated)", "(T, Hkv, Dh)"), _t("in", "xv (reshaped)", "(T, Hkv, Dh)"),
-           _t("out", "cache_k", "(P+T, Hkv, Dh)"), _t("out", "cache_v", "(P+T, Hkv, Dh)")),
+           _t("out", "cache_k", "(P+T, Hkv, Dh)", "the cache (S, Hkv, Dh)"),
+           _t("out", "cache_v", "(P+T, Hkv, Dh)", "the cache (S, Hkv, Dh)")),
           (_op("write rows P..P+T-1", "xk (rotated)", "cache_k"),
            _op("write rows P..P+T-1", "xv (reshaped)", "cache_v")), "cache_k"),
     Stage(12, "Forward Pass Through Attention Module - Do transposes", "transposes", "layer",
           "Keys and values of all cached positions are read back; each KV head is repeated "
           "H/Hkv times so every query head has its own copy (grouped-query attention); then "
           "the head dimension is moved to the front.",
-          (_t("in", "xq (rotated)", "(T, H, Dh)"), _t("in", "keys", "(P+T, Hkv, Dh)"),
-           _t("in", "values", "(P+T, Hkv, Dh)"),
+          (_t("in", "xq (rotated)", "(T, H, Dh)"), _t("in", "keys", "(P+T, Hkv, Dh)", "cache_k"),
+           _t("in", "values", "(P+T, Hkv, Dh)", "cache_v"),
            _t("mid", "keys (repeated)", "(P+T, H, Dh)"), _t("mid", "values (repeated)", "(P+T, H, Dh)"),
-           _t("out", "xq (transposed)", "(H, T, Dh)"), _t("out", "keys (transposed)", "(H, P+T, Dh)"),
-           _t("out", "values (transposed)", "(H, P+T, Dh)")),
+           _t("out", "xq (transposed)", "(H, T, Dh)", "xq (rotated)"),
+           _t("out", "keys (transposed)", "(H, P+T, Dh)", "keys (repeated)"),
+           _t("out", "values (transposed)", "(H, P+T, Dh)", "values (repeated)")),
           (_op("repeat each KV head H/Hkv times", "keys", "keys (repeated)"),
            _op("repeat each KV head H/Hkv times", "values", "values (repeated)"),
            _op("transpose(0, 1)", "xq (rotated)", "xq (transposed)"),
@@ -186,7 +194,7 @@ STAGES: tuple[Stage, ...] = (
           "The last block's output goes through a final RMSNorm; the last row (the newest "
           "position) is mapped onto the vocabulary, in float32, and the next token is picked: "
           "the highest logit (greedy), or a sample after temperature / top-k / top-p.",
-          (_t("in", "h", "(T, D)"), _t("weight", "norm", "(D)"), _t("mid", "normalized h", "(T, D)"),
+          (_t("in", "h", "(T, D)", "out"), _t("weight", "norm", "(D)"), _t("mid", "normalized h", "(T, D)"),
            _t("weight", "output", "(V, D)"), _t("out", "logits", "(V)"),
            _t("out", "probs", "(V)"), _t("out", "next token", "()")),
           (_op("RMSNorm", ("h", "norm"), "normalized h"),

@@ -8,7 +8,7 @@ from trace.recorder import Capture, Recorder
 
 def record_run(model, ids: list[int], max_new_tokens: int, sampling: Sampling = Sampling()):
     """(new ids, {(stage, name, layer, step): values}) with every value kept."""
-    recorder = Recorder(Capture(everything=True))
+    recorder = Recorder(Capture.everything())
     with recording(recorder):
         new_ids = generate(model, ids, max_new_tokens, sampling)
     return new_ids, {(r.stage, r.name, r.layer, r.step): r.values for r in recorder.records}

@@ -37,7 +37,7 @@ def cli(*args: str, timeout=300, cwd=ROOT, command=(sys.executable, "-m", "trace
 
 @pytest.fixture(scope="module")
 def france(embedded_model):
-    return traced_run(embedded_model, QUESTION, max_new_tokens=8, capture=Capture(everything=True))
+    return traced_run(embedded_model, QUESTION, max_new_tokens=8, capture=Capture.everything())
 
 
 def lines_fit(text: str, width=WIDTH) -> bool:

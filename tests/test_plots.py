@@ -18,7 +18,7 @@ from .test_cli import QUESTION, cli
 
 @pytest.fixture(scope="module")
 def france(embedded_model):
-    return traced_run(embedded_model, QUESTION, max_new_tokens=4, capture=Capture(everything=True))
+    return traced_run(embedded_model, QUESTION, max_new_tokens=4, capture=Capture.everything())
 
 
 def png_of(fig) -> tuple[np.ndarray, tuple[int, int]]:
@@ -102,7 +102,7 @@ def test_terminal_heatmap_keeps_masked_cells_grey_and_exact_extremes():
 @pytest.mark.parametrize("number", [13, 17, 10, 15])
 def test_tick_labels_never_overlap(embedded_model, number):
     prompt = "Tell me, in detail and with examples, why the sky is blue during the day and red at sunset."
-    trace = traced_run(embedded_model, prompt, max_new_tokens=1, capture=Capture(everything=True))
+    trace = traced_run(embedded_model, prompt, max_new_tokens=1, capture=Capture.everything())
     fig = stage_figure(trace, number, step=0, layer=0, head=0)
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()

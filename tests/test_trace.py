@@ -51,7 +51,7 @@ def test_registry_lists_exactly_what_each_stage_records(tiny):
 
 def test_every_step_and_layer_has_statistics_but_only_the_selection_keeps_values(tiny):
     model, _ = tiny
-    trace = traced_run(model, "the cat", chat=False, max_new_tokens=3, capture=Capture(step=1, layer=1))
+    trace = traced_run(model, "the cat", chat=False, max_new_tokens=3, capture=Capture.selected(step=1, layer=1))
     layers = model.config.n_layers
     assert {(r.step, r.layer) for r in trace.records if r.layer is not None} == \
         {(step, layer) for step in range(3) for layer in range(layers)}
@@ -63,7 +63,7 @@ def test_every_step_and_layer_has_statistics_but_only_the_selection_keeps_values
 
 def test_statistics_are_those_of_the_values(tiny):
     model, _ = tiny
-    trace = traced_run(model, "the cat", chat=False, max_new_tokens=2, capture=Capture(everything=True))
+    trace = traced_run(model, "the cat", chat=False, max_new_tokens=2, capture=Capture.everything())
     r = next(r for r in trace.records if r.stage == 17 and r.name == "gate" and r.layer == 1 and r.step == 1)
     v = r.values
     assert r.stats["min"] == v.min().item() and r.stats["max"] == v.max().item()
@@ -73,7 +73,7 @@ def test_statistics_are_those_of_the_values(tiny):
 def test_recorded_snapshots_do_not_change_later(tiny):
     """The tokens tensor is written in place as tokens are generated: the trace keeps what each step saw."""
     model, _ = tiny
-    trace = traced_run(model, "the cat", chat=False, max_new_tokens=4, capture=Capture(everything=True))
+    trace = traced_run(model, "the cat", chat=False, max_new_tokens=4, capture=Capture.everything())
     T0 = len(trace.prompt_ids)
     for step in range(trace.n_steps):
         tokens = next(r for r in trace.records if r.stage == 3 and r.name == "tokens" and r.step == step).values

@@ -195,7 +195,7 @@ def drawing(number: int | None, trace: Trace | None, step: int = 0, layer: int =
     if trace is None:
         ctx = Context("any LLaMA model", layer)
     else:
-        ctx = Context(trace.model.name, layer, trace.select(step, layer), trace.describe(step, layer))
+        ctx = Context(trace.model_name, layer, trace.select(step, layer), trace.describe(step, layer))
     return model_diagram(ctx) if number is None else stage_diagram(number, ctx)
 
 

@@ -22,10 +22,11 @@ def trace_to_json(trace: Trace, step: int, layer: int, stage: int | None) -> dic
     chosen = [stage_info(stage)] if stage else STAGES
     records = trace.select(step, layer)
     return {
-        "model": {"name": trace.model.name, "config": asdict(trace.model.config),
-                  "device": trace.model.device.type, "dtype": str(trace.model.dtype).removeprefix("torch.")},
+        "model": {"name": trace.model_name, "config": asdict(trace.config), "device": trace.device,
+                  "dtype": trace.dtype},
         "prompt": trace.prompt, "chat_template": trace.chat, "sampling": asdict(trace.sampling),
-        "prompt_ids": trace.prompt_ids, "pieces": trace.pieces, "generated_ids": trace.new_ids,
+        "prompt_ids": trace.prompt_ids, "pieces": [trace.piece(i) for i in trace.prompt_ids],
+        "generated_ids": trace.new_ids,
         "text": trace.text, "steps": trace.n_steps, "seconds": round(trace.seconds, 3),
         "step": step, "layer": layer, "P": P, "T": T,
         "stages": [{"number": s.number, "title": s.title, "short": s.short, "scope": s.scope,

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from stages import UserError  # noqa: E402
 from stages.registry import stage as stage_info  # noqa: E402
 
-from .recorder import Capture, TensorRecord  # noqa: E402
+from .recorder import Rule, TensorRecord  # noqa: E402
 from .run import Trace  # noqa: E402
 from .values import as_matrix  # noqa: E402
 
@@ -26,11 +26,13 @@ TICK_FONT = 7
 CLIP_PERCENTILE = 99.5
 
 
-def capture_for_plot(stage: int, step: int, layer: int) -> Capture:
-    """What a run must keep for the figure of `stage`: the selection, and for some figures more."""
-    across_layers = frozenset({4, 15, 18}) if stage in (15, 18) else frozenset()
-    across_steps = frozenset({11}) if stage in (11, 12) else frozenset()
-    return Capture(step, layer, across_layers=across_layers, across_steps=across_steps)
+def rules_for_plot(stage: int, step: int, layer: int) -> tuple[Rule, ...]:
+    """What a run must keep, beyond the shown step and layer, for the figure of `stage`."""
+    if stage in (15, 18):  # the residual stream of every layer at this step
+        return (Rule(stages=frozenset({4, 15, 18}), steps=frozenset({step})),)
+    if stage in (11, 12):  # the cache of this layer at every step
+        return (Rule(stages=frozenset({11}), layers=frozenset({layer})),)
+    return ()
 
 
 def _token_label(piece: str) -> str:
@@ -99,15 +101,15 @@ class Figures:
 
     def __init__(self, trace: Trace, step: int, layer: int, head: int):
         self.trace, self.step, self.layer, self.head = trace, step, layer, head
-        self.config = trace.model.config
+        self.config = trace.config
         self.P, self.T = trace.positions(step)
         ids = trace.prompt_ids + trace.new_ids
-        self.pieces = [_token_label(trace.model.tokenizer.piece(i)) for i in ids]
+        self.pieces = [_token_label(trace.piece(i)) for i in ids]
         self.where = trace.describe(step, layer)
 
     def figure(self, width: float, height: float, title: str) -> Figure:
         fig = plt.figure(figsize=(width, height), dpi=DPI, layout="constrained")
-        fig.suptitle(f"{title}\n{self.where} · {self.trace.model.name}", fontsize=11)
+        fig.suptitle(f"{title}\n{self.where} · {self.trace.model_name}", fontsize=11)
         return fig
 
     def get(self, stage: int, name: str, layer: int | None = -1, step: int | None = -1) -> TensorRecord:
@@ -249,7 +251,7 @@ class Figures:
         values = probs[ids].numpy()
         fig = self.figure(12, 7, f"Stage 19: the next-token distribution (top {k}), the chosen token in red")
         ax = fig.add_subplot()
-        labels = [f"{_token_label(self.trace.model.tokenizer.piece(i))} ({i})" for i in ids]
+        labels = [f"{_token_label(self.trace.piece(i))} ({i})" for i in ids]
         ax.barh(range(len(ids)), values, color=["#c62828" if i == chosen else "#1e88e5" for i in ids])
         ax.set_yticks(range(len(ids)), labels, fontsize=8)
         ax.invert_yaxis()

@@ -3,8 +3,10 @@
 A `Recorder` is the sink that `stages.hooks.recording` installs. For every
 record it notes where it was made (step, layer), its stage and name, dtype,
 symbolic and concrete shape and summary statistics; it keeps the values
-themselves only where the capture selection says so (by default the selected
-step and layer, or everything).
+themselves only where the capture policy says so, and only up to a budget.
+
+Weights are the model's own, not something the run computed: their records
+keep statistics and a corner of the values, enough for the tables.
 """
 from dataclasses import dataclass, field
 
@@ -13,6 +15,7 @@ import torch
 from stages.registry import stage as stage_info
 
 STAT_NAMES = ("min", "max", "mean", "std")
+WEIGHT_CORNER = (8, 16)  # rows, columns of a weight kept for previews
 
 
 @dataclass
@@ -23,54 +26,92 @@ class TensorRecord:
     name: str
     role: str
     symbolic: str
-    dtype: str
+    dtype: str  # the dtype the model computed in (values may be stored smaller: see Capture.store_dtype)
     shape: tuple[int, ...]
-    _stats: torch.Tensor | None = field(default=None, repr=False)  # (4) float64, lazily read back
+    _stats: torch.Tensor | None = field(default=None, repr=False)  # (4) float64, read back lazily
     _values: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def stats(self) -> dict[str, float] | None:
         if self._stats is None:
             return None
-        return dict(zip(STAT_NAMES, self._stats.tolist()))
+        return dict(zip(STAT_NAMES, self._stats.tolist(), strict=True))
 
     @property
     def values(self) -> torch.Tensor | None:
-        """The recorded values on the CPU, or None where only statistics were kept."""
+        """The kept values on the CPU (a corner for weights), or None where only statistics were kept."""
         return None if self._values is None else self._values.cpu()
 
 
-def _dtype_name(t: torch.Tensor) -> str:
-    return str(t.dtype).removeprefix("torch.")
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _stats(t: torch.Tensor) -> torch.Tensor | None:
     if t.numel() == 0:
         return None
     real = torch.view_as_real(t) if t.is_complex() else t
-    real = real.double() if real.dtype in (torch.int64, torch.int32, torch.bool) else real.float()
+    real = real.double() if not real.is_floating_point() else real.float()
     lo, hi = torch.aminmax(real)
     std, mean = torch.std_mean(real, correction=0)
     return torch.stack([lo, hi, mean, std]).double()  # stays on the device until read
 
 
+def _ids(text: str, what: str) -> frozenset[int]:
+    """'0,3,5-7' -> {0, 3, 5, 6, 7}."""
+    ids = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            ids.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ValueError(f"{what} must be numbers or ranges like 0,3,5-7, not {text!r}") from None
+    return frozenset(ids)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Records of these stages, steps and layers keep their values (None: any).
+    The layer filter applies to the records made inside the blocks only."""
+    stages: frozenset[int] | None = None
+    steps: frozenset[int] | None = None
+    layers: frozenset[int] | None = None
+
+    def matches(self, stage: int, step: int | None, layer: int | None) -> bool:
+        return ((self.stages is None or stage in self.stages)
+                and (step is None or self.steps is None or step in self.steps)
+                and (layer is None or self.layers is None or layer in self.layers))
+
+    @classmethod
+    def parse(cls, text: str) -> "Rule":
+        """'stages=10,13 layers=0-3 steps=0' (any of the three, space-separated)."""
+        parts = {}
+        for item in text.split():
+            key, _, value = item.partition("=")
+            if key not in ("stages", "steps", "layers") or not value:
+                raise ValueError(f"a capture rule is 'stages=… steps=… layers=…', not {item!r}")
+            parts[key] = _ids(value, key)
+        return cls(**parts)
+
+
 @dataclass(frozen=True)
 class Capture:
-    """Which records keep their values: everything, or one step and one layer
-    (plus the records outside the layers of that step, and stages 1 and 2),
-    plus some stages at every layer of that step or at every step of that layer."""
-    step: int = 0
-    layer: int = 0
-    everything: bool = False
-    across_layers: frozenset[int] = frozenset()  # stages kept at every layer of `step`
-    across_steps: frozenset[int] = frozenset()  # stages kept at every step for `layer`
+    """The capture policy: which records keep values (any rule matches; records
+    made before the loop always do), up to how many bytes, in which dtype."""
+    rules: tuple[Rule, ...] = (Rule(steps=frozenset({0}), layers=frozenset({0})),)
+    max_bytes: int | None = None  # beyond it, statistics only
+    store_dtype: torch.dtype | None = None  # e.g. torch.float16: floating values are kept smaller
+
+    @classmethod
+    def selected(cls, step: int = 0, layer: int = 0, *extra: Rule, **kw) -> "Capture":
+        return cls((Rule(steps=frozenset({step}), layers=frozenset({layer})), *extra), **kw)
+
+    @classmethod
+    def everything(cls, **kw) -> "Capture":
+        return cls((Rule(),), **kw)
 
     def keeps(self, stage: int, step: int | None, layer: int | None) -> bool:
-        if self.everything or step is None:
-            return True
-        if stage in self.across_steps and layer in (None, self.layer):
-            return True
-        return step == self.step and (layer in (None, self.layer) or stage in self.across_layers)
+        return step is None or any(rule.matches(stage, step, layer) for rule in self.rules)
 
 
 class Recorder:
@@ -79,25 +120,63 @@ class Recorder:
         self.records: list[TensorRecord] = []
         self.step: int | None = None
         self.layer: int | None = None
+        self.kept_bytes = 0
+        self.budget_hit_at: tuple[int | None, int | None] | None = None  # (step, layer) where values stopped
+        self._kept_storages: set[int] = set()
         self._weight_stats: dict[tuple, torch.Tensor | None] = {}
+        self._stats_here: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._converted: dict[tuple, torch.Tensor] = {}
 
     def at(self, **where: int | None) -> None:
         for key, value in where.items():
             setattr(self, key, value)
+        self._stats_here.clear()
+        self._converted.clear()
+
+    def _statistics(self, tensor: torch.Tensor, weight: bool) -> torch.Tensor | None:
+        # The same memory shown again (the stage 8 output as stage 9's input, a reshape, a
+        # transpose) has the same statistics: compute them once per place in the run. The cache
+        # holds the tensor, so its memory cannot be reused for another tensor meanwhile.
+        key = (tensor.data_ptr(), tensor.numel(), tensor.dtype, tensor.device)
+        cache = self._weight_stats if weight else self._stats_here
+        if key not in cache:
+            cache[key] = (tensor, _stats(tensor))
+        return cache[key][1]
+
+    def _keep(self, tensor: torch.Tensor, copy: bool, weight: bool) -> torch.Tensor | None:
+        if weight:
+            return (tensor[:WEIGHT_CORNER[0], :WEIGHT_CORNER[1]] if tensor.dim() == 2
+                    else tensor[:WEIGHT_CORNER[1]]).clone()
+        kept = tensor.clone() if copy else tensor
+        store = self.capture.store_dtype
+        if store is not None and kept.is_floating_point() and kept.dtype != store:
+            kept = self._smaller(kept, store)
+        storage = kept.untyped_storage().data_ptr()  # pairs and their complex view share memory
+        if storage not in self._kept_storages:
+            size = kept.untyped_storage().nbytes()
+            if self.capture.max_bytes is not None and self.kept_bytes + size > self.capture.max_bytes:
+                self.budget_hit_at = self.budget_hit_at or (self.step, self.layer)
+                return None
+            self._kept_storages.add(storage)
+            self.kept_bytes += size
+        return kept
+
+    def _smaller(self, tensor: torch.Tensor, store: torch.dtype) -> torch.Tensor:
+        """`tensor` in `store` dtype. Views of one piece of memory stay views of one converted
+        copy (made once per step and layer, since the cache is written between steps)."""
+        key = (tensor.untyped_storage().data_ptr(), tensor.dtype)
+        if key not in self._converted:
+            whole = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+            whole.set_(tensor.untyped_storage(), 0, (tensor.untyped_storage().nbytes() // tensor.itemsize,))
+            self._converted[key] = whole.to(store)
+        return self._converted[key].as_strided(tensor.shape, tensor.stride(), tensor.storage_offset())
 
     def record(self, stage: int, name: str, tensor: torch.Tensor, copy: bool) -> None:
         spec = stage_info(stage).spec(name)  # a name missing from the registry is a bug: fail loudly
         tensor = tensor.detach()
-        if spec.role == "weight":
-            # Weights do not change between steps: their statistics are computed once.
-            key = (tensor.data_ptr(), tensor.shape, tensor.device)
-            if key not in self._weight_stats:
-                self._weight_stats[key] = _stats(tensor)
-            stats = self._weight_stats[key]
-        else:
-            stats = _stats(tensor)
+        weight = spec.role == "weight"
         keep = self.capture.keeps(stage, self.step, self.layer)
         self.records.append(TensorRecord(
             step=self.step, layer=self.layer, stage=stage, name=name, role=spec.role, symbolic=spec.shape,
-            dtype=_dtype_name(tensor), shape=tuple(tensor.shape), _stats=stats,
-            _values=(tensor.clone() if copy else tensor) if keep else None))
+            dtype=dtype_name(tensor.dtype), shape=tuple(tensor.shape), _stats=self._statistics(tensor, weight),
+            _values=self._keep(tensor, copy, weight) if keep else None))

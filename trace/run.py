@@ -1,32 +1,38 @@
 """A traced run: the prompt through the model with a Recorder listening, and the
-resulting trace with what is needed to show it."""
+resulting trace: everything needed to show it, without the model."""
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from stages import Model, Sampling, generate, tokenize
+import torch
+
+from stages import Model, ModelConfig, Sampling, generate, tokenize
 from stages.hooks import recording
 from stages.registry import stage as stage_info
 
-from .recorder import Capture, Recorder, TensorRecord
+from .recorder import Capture, Recorder, TensorRecord, dtype_name
+
+TOP_PIECES = 20  # for each step, the text of this many most likely next tokens is kept too
 
 
 @dataclass
 class Trace:
-    model: Model
+    model_name: str
+    config: ModelConfig
+    device: str
+    dtype: str
     prompt: str
     chat: bool
     sampling: Sampling
     prompt_ids: list[int]
     new_ids: list[int]
+    text: str  # the generated text
+    answer: str  # the text as the user reads it: without the token that ends the turn
+    pieces: dict[int, str]  # token id -> its text, for every id the trace shows
     records: list[TensorRecord]
     capture: Capture
     seconds: float
-    pieces: list[str] = field(default_factory=list)
-
-    @property
-    def text(self) -> str:
-        return self.model.tokenizer.decode(self.new_ids)
+    notes: list[str] = field(default_factory=list)  # what the user must know (e.g. the budget was reached)
 
     @property
     def n_steps(self) -> int:
@@ -39,10 +45,13 @@ class Trace:
             return 0, len(self.prompt_ids)
         return len(self.prompt_ids) + step - 1, 1
 
+    def piece(self, token_id: int) -> str:
+        return self.pieces.get(token_id, f"<{token_id}>")
+
     def describe(self, step: int, layer: int) -> str:
         P, T = self.positions(step)
         kind = "prompt" if step == 0 else f"decode, feeds generated token {step}"
-        last_layer = self.model.config.n_layers - 1
+        last_layer = self.config.n_layers - 1
         return f"step {step} of 0..{self.n_steps - 1} ({kind}: P={P}, T={T}) · layer {layer} of 0..{last_layer}"
 
     def select(self, step: int, layer: int, stage: int | None = None) -> list[TensorRecord]:
@@ -72,6 +81,14 @@ class TextStream:
             self.shown = text
 
 
+def _shown_ids(prompt_ids: list[int], new_ids: list[int], records: list[TensorRecord]) -> set[int]:
+    ids = set(prompt_ids) | set(new_ids)
+    for r in records:
+        if r.stage == 19 and r.name == "probs" and r.values is not None:
+            ids.update(torch.topk(r.values, min(TOP_PIECES, r.values.numel())).indices.tolist())
+    return ids
+
+
 def traced_run(model: Model, prompt: str, *, chat: bool = True, max_new_tokens: int = 32,
                sampling: Sampling = Sampling(), capture: Capture = Capture(),
                on_text: Callable[[str], None] | None = None) -> Trace:
@@ -81,7 +98,19 @@ def traced_run(model: Model, prompt: str, *, chat: bool = True, max_new_tokens: 
         prompt_ids = tokenize(model.tokenizer, prompt, chat)
         new_ids = generate(model, prompt_ids, max_new_tokens, sampling,
                            on_token=TextStream(model, on_text) if on_text else None)
-    return Trace(model=model, prompt=prompt, chat=chat, sampling=sampling, prompt_ids=prompt_ids,
-                 new_ids=new_ids, records=recorder.records, capture=capture,
-                 seconds=time.perf_counter() - started,
-                 pieces=[model.tokenizer.piece(i) for i in prompt_ids])
+    seconds = time.perf_counter() - started
+    notes = []
+    if recorder.budget_hit_at:
+        step, layer = recorder.budget_hit_at
+        notes.append(f"the trace budget of {capture.max_bytes / 2**20:.0f} MB was reached at step {step}, "
+                     f"layer {layer}: from there on, tensors kept their statistics only")
+    if capture.store_dtype is not None:
+        notes.append(f"values are stored as {dtype_name(capture.store_dtype)} (the model computed in "
+                     f"{dtype_name(model.dtype)}); statistics are from the full values")
+    tokenizer = model.tokenizer
+    return Trace(model_name=model.name, config=model.config, device=model.device.type,
+                 dtype=dtype_name(model.dtype), prompt=prompt, chat=chat, sampling=sampling,
+                 prompt_ids=prompt_ids, new_ids=new_ids, text=tokenizer.decode(new_ids),
+                 answer=tokenizer.decode([i for i in new_ids if i not in tokenizer.stop_ids]),
+                 pieces={i: tokenizer.piece(i) for i in _shown_ids(prompt_ids, new_ids, recorder.records)},
+                 records=recorder.records, capture=capture, seconds=seconds, notes=notes)

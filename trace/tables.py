@@ -29,9 +29,9 @@ def stages_table() -> Group:
 
 
 def model_line(trace: Trace) -> str:
-    c, m = trace.model.config, trace.model
-    return (f"{m.name} · L={c.n_layers} D={c.dim} H={c.n_heads} Hkv={c.n_kv_heads} Dh={c.head_dim} "
-            f"F={c.ffn_dim} V={c.vocab_size} · {m.device.type} {str(m.dtype).removeprefix('torch.')}")
+    c = trace.config
+    return (f"{trace.model_name} · L={c.n_layers} D={c.dim} H={c.n_heads} Hkv={c.n_kv_heads} Dh={c.head_dim} "
+            f"F={c.ffn_dim} V={c.vocab_size} · {trace.device} {trace.dtype}")
 
 
 def _shape(shape: tuple[int, ...]) -> str:
@@ -75,7 +75,7 @@ def _heatmap(trace: Trace, s, records: list[TensorRecord], head: int):
     main = next((r for r in records if r.name == s.main and r.values is not None), None)
     if main is None or main.values.numel() < 2:
         return None
-    matrix, rows, cols, what = as_matrix(main, head, trace.model.config.n_rep)
+    matrix, rows, cols, what = as_matrix(main, head, trace.config.n_rep)
     if matrix.is_complex():
         matrix = matrix.abs()
     return terminal_heatmap(matrix, f"Heatmap of {main.name} {what} (rows {rows or '-'}, columns {cols})")
@@ -103,5 +103,5 @@ def stage_detail(trace: Trace, number_: int, step: int, layer: int, head: int = 
     elif records:
         parts.append(Text("Values were not kept for this step and layer, only statistics.", style="dim"))
     if s.number == 1:
-        parts.append(Text("Pieces: " + " ".join(repr(p) for p in trace.pieces)))
+        parts.append(Text("Pieces: " + " ".join(repr(trace.piece(i)) for i in trace.prompt_ids)))
     return Group(*parts)

@@ -1,0 +1,206 @@
+"""What each command of `python -m trace` does, given its parsed arguments."""
+import json
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+from stages import Sampling, UserError, load_model, tokenize
+from stages.registry import STAGES
+
+from .budget import estimate_bytes
+from .compare import diff_table
+from .diagram import FORMATS, drawing, render
+from .export import stages_to_json, trace_to_json
+from .files import write_output
+from .plots import PLOT_FORMATS, figure_bytes, rules_for_plot, stage_figure
+from .recorder import Capture, Rule
+from .run import Trace, traced_run
+from .tables import model_line, shapes_table, stage_detail, stages_table
+from .tracefile import load_trace, save_trace
+
+DEFAULT_PROMPT = "What is the capital of France?"
+
+
+def _load(args, err: Console):
+    with Progress(TextColumn("Loading model"), BarColumn(), MofNCompleteColumn(), console=err,
+                  transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("load", total=None)
+        return load_model(args.model, args.device, args.dtype,
+                          progress=lambda done, total: bar.update(task, completed=done, total=total))
+
+
+def _output_format(path: Path, force: bool, formats: tuple[str, ...] = FORMATS) -> str:
+    """The file format a file name asks for; checked before any work is done."""
+    fmt = path.suffix.lstrip(".").lower()
+    if fmt not in formats:
+        raise UserError(f"cannot tell the format of {path}: use a name ending in " +
+                        ", ".join(f".{f}" for f in formats))
+    _check_free(path, force)
+    return fmt
+
+
+def _check_free(path: Path, force: bool) -> None:
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, not a file name")
+    if path.exists() and not force:
+        raise UserError(f"{path} exists already (add --force to overwrite it)")
+
+
+def _check_view(args, config, n_steps: int | None = None) -> None:
+    """The shown layer, head and step exist."""
+    if args.layer >= config.n_layers:
+        raise UserError(f"--layer {args.layer} does not exist: this model has layers 0-{config.n_layers - 1}")
+    if getattr(args, "head", 0) >= config.n_heads:
+        raise UserError(f"--head {args.head} does not exist: this model has query heads 0-{config.n_heads - 1}")
+    if n_steps is not None and args.step >= n_steps:
+        raise UserError(f"--step {args.step} does not exist: generation stopped after {n_steps} steps "
+                        f"(0-{n_steps - 1})")
+
+
+def _capture(args) -> Capture:
+    """The capture policy the arguments ask for: the shown step and layer, what --plot needs, and
+    --capture's rules; within --max-trace-mb, in --store-dtype."""
+    kw = {"max_bytes": args.max_trace_mb * 2**20,
+          "store_dtype": getattr(torch, args.store_dtype) if args.store_dtype else None}
+    if args.capture == "all":
+        return Capture.everything(**kw)
+    extra = rules_for_plot(args.stage, args.step, args.layer) if args.plot else ()
+    if args.capture != "selected":
+        try:
+            extra += tuple(Rule.parse(text) for text in args.capture.split(";") if text.strip())
+        except ValueError as e:
+            raise UserError(f"--capture: {e}") from None
+    return Capture.selected(args.step, args.layer, *extra, **kw)
+
+
+def _pictures(trace: Trace, args, err: Console) -> None:
+    """--diagram and --plot, from a trace."""
+    if args.diagram:
+        graph = drawing(args.stage, trace, args.step, args.layer)
+        write_output(args.diagram, render(graph, _output_format(args.diagram, args.force)), args.force)
+        err.print(f"drew {args.diagram}", style="dim")
+    if args.plot:
+        figure = stage_figure(trace, args.stage, args.step, args.layer, args.head)
+        write_output(args.plot, figure_bytes(figure, _output_format(args.plot, args.force, PLOT_FORMATS)),
+                     args.force)
+        err.print(f"plotted {args.plot}", style="dim")
+
+
+def _show(trace: Trace, args, out: Console, err: Console) -> None:
+    """What run shows after the answer: the same for a live trace and a saved one."""
+    for note in trace.notes:
+        err.print(f"note: {note}", style="dim", markup=False, highlight=False)
+    _pictures(trace, args, err)
+    if args.json:
+        print(json.dumps(trace_to_json(trace, args.step, args.layer, args.stage)))
+        return
+    out.print()
+    out.print(f"[dim]{len(trace.new_ids)} new tokens from a {len(trace.prompt_ids)}-token prompt in "
+              f"{trace.seconds:.2f} s[/dim]")
+    out.print(f"[dim]{model_line(trace)}[/dim]")
+    out.print()
+    out.print(stage_detail(trace, args.stage, args.step, args.layer, args.head) if args.stage
+              else shapes_table(trace, args.step, args.layer))
+
+
+def _check_outputs(args) -> None:
+    """Every output file is checked before the model runs: no work is lost to a bad name."""
+    if args.plot and not args.stage:
+        raise UserError("--plot needs --stage N: say which stage to plot")
+    if args.diagram:
+        _output_format(args.diagram, args.force)
+    if args.plot:
+        _output_format(args.plot, args.force, PLOT_FORMATS)
+    if getattr(args, "save", None):
+        _check_free(args.save, args.force)
+
+
+def cmd_run(args, out: Console, err: Console) -> int:
+    if not args.prompt.strip():
+        raise UserError("the prompt is empty: give some text to start from")
+    if args.step >= args.max_new_tokens:
+        raise UserError(f"--step {args.step} does not exist: with --max-new-tokens {args.max_new_tokens} "
+                        f"there are at most {args.max_new_tokens} steps (0-{args.max_new_tokens - 1})")
+    _check_outputs(args)
+    capture = _capture(args)
+    model = _load(args, err)
+    _check_view(args, model.config)
+    chat = not args.raw and model.tokenizer.chat_template is not None
+    if not args.raw and not chat:
+        err.print("note: this model has no chat template, so the prompt is fed as it is", style="dim")
+    if args.estimate:
+        prompt_len = len(tokenize(model.tokenizer, args.prompt, chat))
+        size = estimate_bytes(model.config, prompt_len, args.max_new_tokens, capture, model.dtype)
+        out.print(f"capture {args.capture!r} would keep about {size / 2**20:.1f} MB of values for this "
+                  f"{prompt_len}-token prompt and up to {args.max_new_tokens} new tokens "
+                  f"(budget {args.max_trace_mb} MB)")
+        return 0
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    streamed: list[str] = []
+
+    def stream(text: str) -> None:
+        streamed.append(text)
+        out.print(text, end="", markup=False, highlight=False)
+
+    trace = traced_run(model, args.prompt, chat=chat, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                       capture=capture, on_text=None if args.json else stream)
+    if not args.json:
+        out.print(trace.answer[len("".join(streamed)):], end="", markup=False, highlight=False)
+    _check_view(args, model.config, trace.n_steps)
+    if args.save:
+        save_trace(trace, args.save, args.force)
+        err.print(f"saved the trace to {args.save}", style="dim")
+    _show(trace, args, out, err)
+    return 0
+
+
+def cmd_show(args, out: Console, err: Console) -> int:
+    _check_outputs(args)
+    trace = load_trace(args.file)
+    _check_view(args, trace.config, trace.n_steps)
+    if not args.json:
+        out.print(trace.answer, end="", markup=False, highlight=False)
+    _show(trace, args, out, err)
+    return 0
+
+
+def cmd_diff(args, out: Console, err: Console) -> int:
+    a, b = load_trace(args.a), load_trace(args.b)
+    for trace in (a, b):
+        _check_view(args, trace.config, trace.n_steps)
+    out.print(diff_table(a, b, args.step, args.layer, args.stage, names=(args.a.name, args.b.name)))
+    return 0
+
+
+def cmd_diagram(args, out: Console, err: Console) -> int:
+    if args.all is None and args.output is None:
+        raise UserError("say where to draw: -o FILE (.svg, .png, .pdf or .dot), or --all FOLDER")
+    fmt = _output_format(args.output, args.force) if args.output else None
+    trace = None
+    if not args.symbolic:
+        model = _load(args, err)
+        _check_view(args, model.config)
+        trace = traced_run(model, DEFAULT_PROMPT, max_new_tokens=1)
+    if args.output:
+        write_output(args.output, render(drawing(args.stage, trace, 0, args.layer), fmt), args.force)
+        err.print(f"drew {args.output}", style="dim")
+        return 0
+    if not args.all.is_dir():
+        raise UserError(f"--all needs an existing folder, not {args.all}")
+    for number in (None, *range(1, len(STAGES) + 1)):
+        graph = drawing(number, trace, 0, args.layer)
+        name = "complete-model" if number is None else f"stage{number:02d}"
+        for fmt in ("dot", "svg"):
+            write_output(args.all / f"{name}.{fmt}", render(graph, fmt), args.force)
+    err.print(f"drew the complete model and the {len(STAGES)} stages into {args.all}", style="dim")
+    return 0
+
+
+def cmd_stages(args, out: Console, err: Console) -> int:
+    if args.json:
+        print(json.dumps(stages_to_json(), indent=1))
+    else:
+        out.print(stages_table())
+    return 0
