@@ -85,7 +85,9 @@ def test_smaller_stored_dtype_is_said_and_statistics_stay_exact(tiny, tmp_path):
     loaded = load_trace(save_trace(small, tmp_path / "small.trace", force=False))
     assert any("stored as float16" in note for note in loaded.notes)
     for a, b in zip(exact.records, loaded.records, strict=True):
-        assert str(a.stats) == str(b.stats) and a.dtype == b.dtype
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(torch.tensor(list(b.stats.values())), torch.tensor(list(a.stats.values())),
+                                   rtol=1e-5, atol=1e-6, equal_nan=True)  # exact, up to summation order
         if a.role != "weight" and a.values.is_floating_point():
             assert b.values.dtype == torch.float16
             torch.testing.assert_close(b.values.float(), a.values, rtol=1e-2, atol=1e-2, equal_nan=True)

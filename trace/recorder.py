@@ -33,6 +33,8 @@ class TensorRecord:
 
     @property
     def stats(self) -> dict[str, float] | None:
+        if self._stats is None and self._values is not None:
+            self._stats = _stats(self._values)  # kept exactly: computed when first asked for
         if self._stats is None:
             return None
         return dict(zip(STAT_NAMES, self._stats.tolist(), strict=True))
@@ -180,8 +182,10 @@ class Recorder:
         spec = stage_info(stage).spec(name)  # a name missing from the registry is a bug: fail loudly
         tensor = tensor.detach()
         weight = spec.role == "weight"
-        keep = self.capture.keeps(stage, self.step, self.layer)
+        values = self._keep(tensor, copy, weight) if self.capture.keeps(stage, self.step, self.layer) else None
+        # Values kept exactly give their statistics later, when asked for: the run stays fast.
+        exact = values is not None and not weight and values.dtype == tensor.dtype
         self.records.append(TensorRecord(
             step=self.step, layer=self.layer, stage=stage, name=name, role=spec.role, symbolic=spec.shape,
-            dtype=dtype_name(tensor.dtype), shape=tuple(tensor.shape), _stats=self._statistics(tensor, weight),
-            _values=self._keep(tensor, copy, weight) if keep else None))
+            dtype=dtype_name(tensor.dtype), shape=tuple(tensor.shape),
+            _stats=None if exact else self._statistics(tensor, weight), _values=values))
