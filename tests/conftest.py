@@ -5,7 +5,7 @@ import torch
 import stages
 from stages.embedded import embedded_model_path
 
-from .reference import load_hf_gguf, tiny_pair
+from trace.verify import load_hf_gguf, tiny_pair
 
 torch.manual_seed(0)
 

@@ -4,7 +4,7 @@ import pytest
 
 from stages import tokenize
 
-from .reference import hf_greedy, hf_stage_tensors
+from trace.verify import hf_greedy, hf_stage_tensors
 from .runs import assert_stages_match, record_run
 
 TEXTS = ["What is the capital of France?", "Hello world 12345 café  \n\n  x", "def f(x):\n\treturn x**2  # ok",

@@ -4,7 +4,7 @@ import torch
 
 from stages import Sampling
 
-from .reference import hf_greedy, hf_stage_tensors
+from trace.verify import hf_greedy, hf_stage_tensors
 from .runs import assert_stages_match, record_run
 
 PROMPT = [0, 5, 17, 42, 99, 200, 7, 3, 150, 260]

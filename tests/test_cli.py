@@ -15,7 +15,7 @@ from rich.console import Console
 from trace import Capture, traced_run
 from trace.tables import shapes_table, stage_detail, stages_table
 
-from .reference import tiny_pair
+from trace.verify import tiny_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "What is the capital of France?"

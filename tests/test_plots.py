@@ -2,6 +2,7 @@
 import io
 
 import matplotlib.image
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 import numpy as np
 import pytest
 import torch
@@ -104,8 +105,9 @@ def test_tick_labels_never_overlap(embedded_model, number):
     prompt = "Tell me, in detail and with examples, why the sky is blue during the day and red at sunset."
     trace = traced_run(embedded_model, prompt, max_new_tokens=1, capture=Capture.everything())
     fig = stage_figure(trace, number, step=0, layer=0, head=0)
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
+    canvas = FigureCanvasAgg(fig)  # the renderer that draws PNG files
+    canvas.draw()
+    renderer = canvas.get_renderer()
     for ax in fig.axes:
         for labels in (ax.get_xticklabels(), ax.get_yticklabels()):
             boxes = [t.get_window_extent(renderer) for t in labels if t.get_text()]

@@ -4,20 +4,18 @@ real tokens, positions, heads and dimensions."""
 import io
 import math
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib import colormaps
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only, no window: works on machines without a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+from stages import UserError
+from stages.registry import stage as stage_info
 
-from stages import UserError  # noqa: E402
-from stages.registry import stage as stage_info  # noqa: E402
-
-from .recorder import Rule, TensorRecord  # noqa: E402
-from .run import Trace  # noqa: E402
-from .values import as_matrix  # noqa: E402
+from .recorder import Rule, TensorRecord
+from .run import Trace
+from .values import as_matrix
 
 DPI = 100
 PLOT_FORMATS = ("png", "svg", "pdf")
@@ -62,7 +60,7 @@ def _ticks(ax, axis: str, labels: list[str], start: int = 0, numbered: bool = Tr
 
 
 def _colormap(name: str):
-    return plt.get_cmap(name).with_extremes(bad="#b0b0b0")  # -inf (masked) and empty places are grey
+    return colormaps[name].with_extremes(bad="#b0b0b0")  # -inf (masked) and empty places are grey
 
 
 def _image(ax, matrix: np.ndarray, title: str, cmap: str | None = None, center: bool | None = None, **kw):
@@ -85,13 +83,6 @@ def _image(ax, matrix: np.ndarray, title: str, cmap: str | None = None, center: 
     return im
 
 
-def _get(trace: Trace, stage: int, name: str, step: int | None, layer: int | None) -> TensorRecord:
-    for r in trace.records:
-        if r.stage == stage and r.name == name and r.step == step and r.layer == layer and r.values is not None:
-            return r
-    raise UserError(f"the trace kept no values of stage {stage} {name!r} at step {step}, layer {layer}")
-
-
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().numpy()
 
@@ -108,13 +99,19 @@ class Figures:
         self.where = trace.describe(step, layer)
 
     def figure(self, width: float, height: float, title: str) -> Figure:
-        fig = plt.figure(figsize=(width, height), dpi=DPI, layout="constrained")
+        # A bare Figure, not pyplot's: no window, no global state, nothing to close; Jupyter shows it.
+        fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
         fig.suptitle(f"{title}\n{self.where} · {self.trace.model_name}", fontsize=11)
         return fig
 
-    def get(self, stage: int, name: str, layer: int | None = -1, step: int | None = -1) -> TensorRecord:
-        return _get(self.trace, stage, name, self.step if step == -1 else step,
-                    self.layer if layer == -1 else layer)
+    def get(self, stage: int, name: str, layer: int | None = None, step: int | None = None) -> TensorRecord:
+        """A record with kept values; the figure's own step and layer unless others are given."""
+        record = self.trace.record(stage, name, self.step if step is None else step,
+                                   self.layer if layer is None else layer)
+        if record.values is None:
+            raise UserError(f"the trace kept no values of stage {stage} {name!r} at step {record.step}, "
+                            f"layer {record.layer}")
+        return record
 
     def new_tokens(self) -> list[str]:
         return self.pieces[self.P:self.P + self.T]
@@ -123,7 +120,7 @@ class Figures:
     def embeddings(self) -> Figure:
         fig = self.figure(14, 7, "Stage 4: the embedding vector of each token fed (rows of tok_embeddings)")
         ax = fig.add_subplot()
-        _image(ax, _np(self.get(4, "x", layer=None).values), "x (T, D)")
+        _image(ax, _np(self.get(4, "x").values), "x (T, D)")
         _ticks(ax, "y", self.new_tokens(), self.P)
         ax.set_xlabel("dimension (D)")
         return fig
@@ -216,7 +213,7 @@ class Figures:
     # Stages 15 and 18 ----------------------------------------------------
     def residual_stream(self) -> Figure:
         fig = self.figure(14, 10, "Stages 15 and 18: the size of the residual stream, ‖x‖ per token, layer by layer")
-        rows, labels = [_np(self.get(4, "x", layer=None).values.norm(dim=-1))], ["embedding"]
+        rows, labels = [_np(self.get(4, "x").values.norm(dim=-1))], ["embedding"]
         for layer in range(self.config.n_layers):
             rows.append(_np(self.get(15, "h", layer=layer).values.norm(dim=-1)))
             labels.append(f"{layer} + attention")
@@ -224,7 +221,7 @@ class Figures:
             labels.append(f"{layer} + FFN")
         ax = fig.add_subplot()
         matrix = np.stack(rows)
-        _image(ax, matrix, "‖x‖ (log colour scale)", norm=matplotlib.colors.LogNorm(), center=False)
+        _image(ax, matrix, "‖x‖ (log colour scale)", norm=LogNorm(), center=False)
         _ticks(ax, "y", labels, numbered=False)
         _ticks(ax, "x", self.new_tokens(), self.P)
         ax.set_ylabel("layer")
@@ -242,8 +239,8 @@ class Figures:
 
     # Stage 19 ------------------------------------------------------------
     def next_token(self, k: int = 20) -> Figure:
-        probs = self.get(19, "probs", layer=None).values
-        chosen = int(self.get(19, "next token", layer=None).values)
+        probs = self.get(19, "probs").values
+        chosen = int(self.get(19, "next token").values)
         top = torch.topk(probs, k)
         ids = top.indices.tolist()
         if chosen not in ids:
@@ -263,8 +260,7 @@ class Figures:
     # Every other stage ---------------------------------------------------
     def main_tensor(self, number: int) -> Figure:
         stage = stage_info(number)
-        record = self.get(number, stage.main, layer=self.layer if stage.scope == "layer" else None,
-                          step=None if stage.scope == "run" else -1)
+        record = self.get(number, stage.main)
         matrix, rows, cols, what = as_matrix(record, self.head, self.config.n_rep)
         fig = self.figure(14, 7, f"Stage {number}: {stage.title}")
         ax = fig.add_subplot()
@@ -289,5 +285,4 @@ def stage_figure(trace: Trace, stage: int, step: int, layer: int, head: int) -> 
 def figure_bytes(fig: Figure, fmt: str = "png") -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format=fmt, dpi=DPI)
-    plt.close(fig)
     return buffer.getvalue()

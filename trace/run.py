@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from stages import Model, ModelConfig, Sampling, generate, tokenize
+from stages import Model, ModelConfig, Sampling, UserError, generate, tokenize
 from stages.hooks import recording
 from stages.registry import stage as stage_info
 
@@ -53,6 +53,22 @@ class Trace:
         kind = "prompt" if step == 0 else f"decode, feeds generated token {step}"
         last_layer = self.config.n_layers - 1
         return f"step {step} of 0..{self.n_steps - 1} ({kind}: P={P}, T={T}) · layer {layer} of 0..{last_layer}"
+
+    def record(self, stage: int, name: str, step: int = 0, layer: int = 0) -> TensorRecord:
+        """One record: `name` of `stage` at `step` and `layer` (ignored where the stage runs once)."""
+        scope = stage_info(stage).scope
+        step_, layer_ = (None, None) if scope == "run" else (step, None) if scope == "step" else (step, layer)
+        for r in self.records:
+            if r.stage == stage and r.name == name and r.step == step_ and r.layer == layer_:
+                return r
+        raise UserError(f"the trace has no record of stage {stage} {name!r} at step {step}, layer {layer}")
+
+    def values(self, stage: int, name: str, step: int = 0, layer: int = 0):
+        """The kept values of one record (a torch tensor on the CPU)."""
+        values = self.record(stage, name, step, layer).values
+        if values is None:
+            raise UserError(f"the trace kept no values of stage {stage} {name!r} at step {step}, layer {layer}")
+        return values
 
     def select(self, step: int, layer: int, stage: int | None = None) -> list[TensorRecord]:
         """The records of one step and layer (with those made once per run or per step), in order."""

@@ -8,12 +8,15 @@ can be compared element for element.
 """
 import dataclasses
 from pathlib import Path
+from unittest.mock import patch
 
 import gguf
 import numpy as np
 import torch
 from tokenizers import pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import modeling_gguf_pytorch_utils as gguf_utils
+from transformers.utils import logging as hf_logging
 
 import stages
 from stages.config import TINY
@@ -107,8 +110,12 @@ def tiny_pair(path: Path, n_heads: int, n_kv_heads: int):
 
 
 def load_hf_gguf(path: Path):
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
-                                                 attn_implementation="eager").eval()
+    """transformers' own model (eager attention, float32) and tokenizer, from the same GGUF file."""
+    hf_logging.disable_progress_bar()
+    # Its GGUF reader draws a tqdm bar of its own (a stale widget in a saved notebook): not here.
+    with patch.object(gguf_utils, "tqdm", lambda items, **_: items):
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                     attn_implementation="eager").eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return model, tokenizer
 

@@ -1,0 +1,38 @@
+"""Runs every walkthrough notebook top to bottom with a real Jupyter kernel and saves it with its outputs.
+
+    python notebooks/execute.py            all of them, in place
+    python notebooks/execute.py 02-...     some of them
+
+The committed notebooks must be what this produces: tests/test_notebooks.py runs them again and compares.
+"""
+import sys
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+HERE = Path(__file__).resolve().parent
+TIMEOUT_S = 900  # per cell
+
+
+def execute(path: Path) -> nbformat.NotebookNode:
+    """The notebook at `path`, executed in its own folder (as Jupyter would); raises on any error."""
+    book = nbformat.read(path, as_version=4)
+    client = NotebookClient(book, timeout=TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(HERE)}})
+    client.execute()
+    return book
+
+
+def notebooks() -> list[Path]:
+    return sorted(HERE.glob("[0-9][0-9]-*.ipynb"))
+
+
+def main(names: list[str]) -> int:
+    for path in [HERE / n for n in names] or notebooks():
+        print(f"executing {path.name} ...", flush=True)
+        nbformat.write(execute(path), path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
