@@ -87,6 +87,15 @@ def _add_view_options(command: argparse.ArgumentParser) -> None:
     show.add_argument("--force", action="store_true", help="overwrite output files that exist already")
 
 
+def _command(subcommands, parser: argparse.ArgumentParser, name: str, summary: str, description: str,
+             **kw) -> argparse.ArgumentParser:
+    """A sub-command whose argument errors are one line, like the main parser's."""
+    command = subcommands.add_parser(name, help=summary, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+    command.error = parser.error
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m trace", formatter_class=argparse.RawDescriptionHelpFormatter,
                     description="Trace a real LLaMA-architecture model through the 19 stages of the\n"
@@ -94,11 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                     epilog=EXAMPLES)
     subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = subcommands.add_parser("run", help="generate from a prompt and show its stages",
-                              description="Generate from PROMPT with the model, recording every stage; then\n"
-                                          "show the shapes of all 19 stages, or one stage in detail.",
-                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
-    run.error = parser.error
+    run = _command(subcommands, parser, "run", "generate from a prompt and show its stages",
+                   "Generate from PROMPT with the model, recording every stage; then\n"
+                   "show the shapes of all 19 stages, or one stage in detail.", epilog=EXAMPLES)
     run.add_argument("prompt", help="the text to start from (wrapped in the chat template unless --raw)")
     _add_view_options(run)
     capture = run.add_argument_group("what the trace keeps")
@@ -126,13 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=_count(0), metavar="N", help="random seed for sampling")
     gen.add_argument("--raw", action="store_true", help="feed the prompt as it is, without the chat template")
 
-    diagram = subcommands.add_parser(
-        "diagram", help="draw the stages with graphviz",
-        description=f"Draw the complete model, or one stage, as in the \"LLaMA Nuts and Bolts\" diagrams,\n"
-                    f"with the dtypes and shapes of a real run of {DEFAULT_PROMPT!r} (or symbolic shapes\n"
-                    f"only, with --symbolic). For another prompt: run \"PROMPT\" --stage N --diagram FILE.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    diagram.error = parser.error
+    diagram = _command(
+        subcommands, parser, "diagram", "draw the stages with graphviz",
+        f"Draw the complete model, or one stage, as in the \"LLaMA Nuts and Bolts\" diagrams,\n"
+        f"with the dtypes and shapes of a real run of {DEFAULT_PROMPT!r} (or symbolic shapes\n"
+        f"only, with --symbolic). For another prompt: run \"PROMPT\" --stage N --diagram FILE.")
     diagram.add_argument("--stage", type=_stage_number, metavar="N", help="draw stage N (default: the complete model)")
     diagram.add_argument("-o", "--output", type=Path, metavar="FILE", help="the drawing (.svg, .png, .pdf or .dot)")
     diagram.add_argument("--all", type=Path, metavar="FOLDER",
@@ -142,25 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
     diagram.add_argument("--force", action="store_true", help="overwrite files that exist already")
     _add_model_options(diagram)
 
-    show = subcommands.add_parser("show", help="show a saved trace, as run showed it",
-                               description="Show a trace saved with run --save, exactly as run showed it, "
-                                           "without the model.")
-    show.error = parser.error
+    show = _command(subcommands, parser, "show", "show a saved trace, as run showed it",
+                    "Show a trace saved with run --save, exactly as run showed it, without the model.")
     show.add_argument("file", type=Path, help="a trace file")
     _add_view_options(show)
 
-    diff = subcommands.add_parser("diff", help="compare two saved traces stage by stage",
-                               description="Compare two saved traces stage by stage: shapes, dtypes, and the "
-                                           "largest difference of the values where both kept them.")
-    diff.error = parser.error
+    diff = _command(subcommands, parser, "diff", "compare two saved traces stage by stage",
+                    "Compare two saved traces stage by stage: shapes, dtypes, and the\n"
+                    "largest difference of the values where both kept them.")
     diff.add_argument("a", type=Path, help="a trace file")
     diff.add_argument("b", type=Path, help="another trace file")
     diff.add_argument("--stage", type=_stage_number, metavar="N", help="only stage N")
     diff.add_argument("--layer", type=_count(0), default=0, metavar="L", help="the block to compare (default 0)")
     diff.add_argument("--step", type=_count(0), default=0, metavar="S", help="the step to compare (default 0)")
 
-    stages_cmd = subcommands.add_parser("stages", help="list the 19 stages")
-    stages_cmd.error = parser.error
+    stages_cmd = _command(subcommands, parser, "stages", "list the 19 stages",
+                          "The 19 stages of the diagrams, and the letters their shapes use.")
     stages_cmd.add_argument("--json", action="store_true", help="as JSON")
     return parser
 
