@@ -83,7 +83,7 @@ def save_trace(trace: Trace, path: Path, force: bool) -> Path:
                      "stats": list(r.stats.values()) if r.stats else None, "values": place}
                     for r, place in zip(trace.records, places, strict=True)],
     }
-    return write_output(path, save_tensors(tensors, metadata={FORMAT: json.dumps(manifest)}), force)
+    return write_output(path, save_tensors(tensors, metadata={FORMAT: json.dumps(manifest, separators=(",", ":"))}), force)
 
 
 def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
