@@ -8,6 +8,7 @@ themselves only where the capture policy says so, and only up to a budget.
 Weights are the model's own, not something the run computed: their records
 keep statistics and a corner of the values, enough for the tables.
 """
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +17,8 @@ from stages.registry import stage as stage_info
 
 STAT_NAMES = ("min", "max", "mean", "std")
 WEIGHT_CORNER = (8, 16)  # rows, columns of a weight kept for previews
+# id(weight) -> (a weak reference to it, its statistics); the reference tells a live entry from a stale one.
+_WEIGHT_STATS: dict[int, tuple[weakref.ref, torch.Tensor | None]] = {}
 
 
 @dataclass
@@ -130,7 +133,6 @@ class Recorder:
         self.kept_bytes = 0
         self.budget_hit_at: tuple[int | None, int | None] | None = None  # (step, layer) where values stopped
         self._kept_storages: set[int] = set()
-        self._weight_stats: dict[tuple, torch.Tensor | None] = {}
         self._stats_here: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._converted: dict[tuple, torch.Tensor] = {}
 
@@ -140,15 +142,14 @@ class Recorder:
         self._stats_here.clear()
         self._converted.clear()
 
-    def _statistics(self, tensor: torch.Tensor, weight: bool) -> torch.Tensor | None:
+    def _statistics(self, tensor: torch.Tensor) -> torch.Tensor | None:
         # The same memory shown again (the stage 8 output as stage 9's input, a reshape, a
         # transpose) has the same statistics: compute them once per place in the run. The cache
         # holds the tensor, so its memory cannot be reused for another tensor meanwhile.
         key = (tensor.data_ptr(), tensor.numel(), tensor.dtype, tensor.device)
-        cache = self._weight_stats if weight else self._stats_here
-        if key not in cache:
-            cache[key] = (tensor, _stats(tensor))
-        return cache[key][1]
+        if key not in self._stats_here:
+            self._stats_here[key] = (tensor, _stats(tensor))
+        return self._stats_here[key][1]
 
     def _keep(self, tensor: torch.Tensor, copy: bool, weight: bool) -> torch.Tensor | None:
         if weight:
@@ -180,12 +181,18 @@ class Recorder:
 
     def record(self, stage: int, name: str, tensor: torch.Tensor, copy: bool) -> None:
         spec = stage_info(stage).spec(name)  # a name missing from the registry is a bug: fail loudly
-        tensor = tensor.detach()
         weight = spec.role == "weight"
+        if weight:
+            # Weights do not change: their statistics are computed once per weight, for every run.
+            known = _WEIGHT_STATS.get(id(tensor))
+            if known is None or known[0]() is not tensor:
+                known = _WEIGHT_STATS[id(tensor)] = (weakref.ref(tensor), _stats(tensor.detach()))
+            weight_stats = known[1]
+        tensor = tensor.detach()
         values = self._keep(tensor, copy, weight) if self.capture.keeps(stage, self.step, self.layer) else None
         # Values kept exactly give their statistics later, when asked for: the run stays fast.
         exact = values is not None and not weight and values.dtype == tensor.dtype
         self.records.append(TensorRecord(
             step=self.step, layer=self.layer, stage=stage, name=name, role=spec.role, symbolic=spec.shape,
             dtype=dtype_name(tensor.dtype), shape=tuple(tensor.shape),
-            _stats=None if exact else self._statistics(tensor, weight), _values=values))
+            _stats=weight_stats if weight else None if exact else self._statistics(tensor), _values=values))

@@ -83,7 +83,8 @@ def save_trace(trace: Trace, path: Path, force: bool) -> Path:
                      "stats": list(r.stats.values()) if r.stats else None, "values": place}
                     for r, place in zip(trace.records, places, strict=True)],
     }
-    return write_output(path, save_tensors(tensors, metadata={FORMAT: json.dumps(manifest, separators=(",", ":"))}), force)
+    header = {FORMAT: json.dumps(manifest, separators=(",", ":"))}
+    return write_output(path, save_tensors(tensors, metadata=header), force)
 
 
 def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
