@@ -48,10 +48,7 @@ def test_notebook_runs_and_its_committed_outputs_are_current(path, embedded_path
         assert kinds[0] == kinds[1], where
         for (_, a), (_, b) in zip(new_out, old_out, strict=True):
             for mime in a:
-                if mime == "application/vnd.jupyter.widget-view+json":  # a live widget: its id is new each run
-                    assert {k: v for k, v in a[mime].items() if k != "model_id"} == \
-                        {k: v for k, v in b[mime].items() if k != "model_id"}, where
-                elif mime == "image/png":
+                if mime == "image/png":
                     image_a, image_b = png(a[mime]), png(b[mime])
                     assert image_a.shape == image_b.shape and np.abs(image_a - image_b).mean() < 0.01, where
                 else:
