@@ -6,9 +6,7 @@ import torch
 from .recorder import TensorRecord
 
 PREVIEW_ROWS, PREVIEW_COLS = 6, 8
-
-
-HEAD_DIMS = ("H", "Hkv")
+HEAD_DIMS = ("H", "Hkv")  # dimensions fixed at one head when a tensor is shown as a matrix
 
 
 def dim_names(record: TensorRecord) -> list[str]:
