@@ -15,14 +15,15 @@ HERE = Path(__file__).resolve().parent
 TIMEOUT_S = 900  # per cell
 
 
-def execute(path: Path) -> nbformat.NotebookNode:
-    """The notebook at `path`, executed in its own folder (as Jupyter would); raises on any error."""
+def execute(path: Path, env: dict[str, str] | None = None) -> nbformat.NotebookNode:
+    """The notebook at `path`, executed in its own folder (as Jupyter would) by a kernel with
+    environment `env` (default: this process's); raises on any error."""
     book = nbformat.read(path, as_version=4)
     for cell in book.cells:
         cell.metadata.pop("execution", None)  # timestamps of an earlier run
     client = NotebookClient(book, timeout=TIMEOUT_S, kernel_name="python3", record_timing=False,
                             resources={"metadata": {"path": str(HERE)}})  # no timestamps: re-runs give no diff
-    client.execute()
+    client.execute(**({"env": env} if env is not None else {}))
     return book
 
 

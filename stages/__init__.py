@@ -7,7 +7,7 @@ import torch
 from .config import TINY, ModelConfig
 from .embedded import embedded_model_path
 from .errors import UserError
-from .generate import forward_step, generate
+from .generate import check_length, forward_step, generate
 from .gguf_model import read_gguf
 from .model import Model, resolve_device
 from .output import Sampling
@@ -27,5 +27,5 @@ def load_model(path: str | Path | None = None, device: str = "auto", dtype: str 
     return Model.build(name, config, weights, tokenizer, torch_device, DTYPES[dtype])
 
 
-__all__ = ["DTYPES", "Model", "ModelConfig", "NOTATION", "STAGES", "Sampling", "TINY", "UserError", "forward_step",
+__all__ = ["DTYPES", "Model", "ModelConfig", "NOTATION", "STAGES", "Sampling", "TINY", "UserError", "check_length", "forward_step",
            "generate", "load_model", "stage", "tokenize"]

@@ -23,6 +23,17 @@ def forward_step(model: Model, tokens: torch.Tensor, start_pos: int, caches: lis
     return forward_output(h, weights.norm, weights.output, config.norm_eps, sampling, generator)
 
 
+def check_length(prompt_len: int, max_new_tokens: int, context: int) -> None:
+    """A run fits the model's context: the prompt plus every new token."""
+    if prompt_len < 1:
+        raise UserError("the prompt is empty: there is nothing to feed the model")
+    if max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+    if prompt_len + max_new_tokens > context:
+        raise UserError(f"prompt ({prompt_len} tokens) plus {max_new_tokens} new tokens exceeds the "
+                        f"model's context of {context} tokens")
+
+
 def generate(model: Model, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
              on_token: Callable[[int], None] | None = None) -> list[int]:
     """Stage 3. tokens (S) -> tokens[P:P+T] (T) each step -> the new ids.
@@ -31,14 +42,8 @@ def generate(model: Model, prompt_ids: list[int], max_new_tokens: int, sampling:
     token chosen by the step before (T = 1) while P counts the cached positions.
     Stops after max_new_tokens, or after a token that ends the model's turn.
     """
-    if not prompt_ids:
-        raise UserError("the prompt is empty: there is nothing to feed the model")
-    if max_new_tokens < 1:
-        raise UserError("--max-new-tokens must be at least 1")
+    check_length(len(prompt_ids), max_new_tokens, model.config.max_seq_len)
     max_len = len(prompt_ids) + max_new_tokens
-    if max_len > model.config.max_seq_len:
-        raise UserError(f"prompt ({len(prompt_ids)} tokens) plus {max_new_tokens} new tokens exceeds the "
-                        f"model's context of {model.config.max_seq_len}")
     pad_id = model.tokenizer.pad_id if model.tokenizer else 0
     tokens = create_tokens_tensor(prompt_ids, max_len, pad_id, model.device)  # (S)
     caches = [KVCache.empty(max_len, model.config.n_kv_heads, model.config.head_dim, model.device, model.dtype)

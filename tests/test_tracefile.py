@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from stages import Sampling
 from trace import Capture, traced_run
 from trace.budget import estimate_bytes
-from trace.recorder import Rule
+from trace.recorder import Ranges, Rule
 from trace.tracefile import load_trace, save_trace
 
 from .test_cli import QUESTION, cli
@@ -107,8 +107,8 @@ def test_the_budget_stops_keeping_values_and_says_so(tiny):
 
 @pytest.mark.parametrize("capture", [
     Capture.everything(), Capture.selected(0, 0), Capture.selected(2, 1),
-    Capture((Rule(stages=frozenset({13})),)), Capture((Rule(stages=frozenset({11})),)),
-    Capture((Rule(layers=frozenset({1})),)), Capture.everything(store_dtype=torch.float16)],
+    Capture((Rule(stages=Ranges.of(13)),)), Capture((Rule(stages=Ranges.of(11)),)),
+    Capture((Rule(layers=Ranges.of(1)),)), Capture.everything(store_dtype=torch.float16)],
     ids=["all", "selected", "step 2 layer 1", "stage 13", "stage 11", "layer 1", "all as float16"])
 def test_the_estimate_predicts_the_memory_kept(embedded_model, capture):
     from stages import generate, tokenize

@@ -39,11 +39,26 @@ def _memory_of(stage: Stage, name: str, layer: int | None) -> tuple[int, str, in
     return stage.number, name, layer
 
 
+def _step_groups(capture: Capture, n_steps: int) -> list[tuple[int, int]]:
+    """Inclusive ranges of steps over which every rule's step filter gives the same answer:
+    the prompt step alone, then the decode steps cut wherever a range of steps starts or ends."""
+    cuts = {0, 1, n_steps}
+    for rule in capture.rules:
+        for lo, hi in rule.steps.spans if rule.steps is not None else ():
+            cuts.update(c for c in (lo, hi + 1) if 0 < c < n_steps)
+    edges = sorted(cuts)
+    return [(a, b - 1) for a, b in zip(edges, edges[1:]) if a < b]
+
+
 def estimate_bytes(config: ModelConfig, prompt_len: int, max_new_tokens: int, capture: Capture,
                    dtype: torch.dtype = torch.float32) -> int:
     """An estimate of the values a run keeps if it generates all max_new_tokens (an upper bound
     when it stops earlier). Each piece of memory counts once, however many records show it;
-    weights (their corners), stages 1-3 and statistics are left out: they are small."""
+    weights (their corners), stages 1-3 and statistics are left out: they are small.
+
+    Steps whose capture decisions are the same are counted together: a decode step's sizes
+    grow linearly with the cached positions P, so a group of them sums in closed form and
+    the estimate costs the same for 10 new tokens as for 100,000."""
     store = capture.store_dtype or dtype
     converted = store != dtype
     itemsize = {"int": 8, "complex": 8, "float32": 4 if store == torch.float32 else store.itemsize,
@@ -54,28 +69,41 @@ def estimate_bytes(config: ModelConfig, prompt_len: int, max_new_tokens: int, ca
     blocks = {  # memory shared by every step: each layer's caches, and the one table of rotations
         "the cache (S, Hkv, Dh)": (S * config.n_kv_heads * config.head_dim * itemsize["float"], True),
         "the table of every position": (config.max_seq_len * config.head_dim // 2 * 8, False)}
-    counted: set[tuple] = set()
-    total = 0
-    for step in range(max_new_tokens):
-        P, T = (0, prompt_len) if step == 0 else (prompt_len + step - 1, 1)
+    records = []  # (stage, tensor, layer, where its memory comes from), every record one step makes
+    for stage in STAGES[3:]:
+        for spec in (spec for spec in stage.tensors if spec.role != "weight"):
+            for layer in range(config.n_layers) if stage.scope == "layer" else [None]:
+                records.append((stage.number, spec.name, layer, _memory_of(stage, spec.name, layer)))
+
+    def step_bytes(origins: set, P: int, T: int) -> int:
         sizes.update(P=P, T=T)
-        for stage in STAGES[3:]:
-            layers = range(config.n_layers) if stage.scope == "layer" else [None]
-            for spec in stage.tensors:
-                if spec.role == "weight" or (spec.name == "mask" and T == 1):
-                    continue
-                for layer in (layer for layer in layers if capture.keeps(stage.number, step, layer)):
-                    origin = _memory_of(stage, spec.name, layer)
-                    origin_spec = STAGES[origin[0] - 1].spec(origin[1])
-                    if origin_spec.view_of in blocks:
-                        size, per_layer = blocks[origin_spec.view_of]
-                        key = (origin_spec.view_of, origin[1], origin[2] if per_layer else None,
-                               step if per_layer and converted else None)  # converted anew each step
-                    else:
-                        kind = ("int" if origin[1] in INTEGER else "complex" if origin[1] in COMPLEX
-                                else "float32" if origin[1] in FLOAT32 else "float")
-                        key, size = (origin, step), _numel(origin_spec.shape, sizes) * itemsize[kind]
-                    if key not in counted:
-                        counted.add(key)
-                        total += size
+        total = 0
+        for origin in origins:
+            kind = ("int" if origin[1] in INTEGER else "complex" if origin[1] in COMPLEX
+                    else "float32" if origin[1] in FLOAT32 else "float")
+            total += _numel(STAGES[origin[0] - 1].spec(origin[1]).shape, sizes) * itemsize[kind]
+        return total
+
+    total, counted_blocks = 0, set()
+    for first, last in _step_groups(capture, max_new_tokens):
+        origins = set()  # the memory this group's steps keep, each piece once per step
+        for stage, name, layer, origin in records:
+            if (name == "mask" and first > 0) or not capture.keeps(stage, first, layer):
+                continue
+            block = STAGES[origin[0] - 1].spec(origin[1]).view_of
+            if block not in blocks:
+                origins.add(origin)
+                continue
+            size, per_layer = blocks[block]
+            if per_layer and converted:  # converted anew each step
+                total += size * (last - first + 1)
+            elif (key := (block, origin[1], origin[2] if per_layer else None)) not in counted_blocks:
+                counted_blocks.add(key)
+                total += size
+        if first == 0:
+            total += step_bytes(origins, 0, prompt_len)
+            continue
+        n, P = last - first + 1, prompt_len + first - 1
+        at_first, at_next = step_bytes(origins, P, 1), step_bytes(origins, P + 1, 1)
+        total += n * at_first + (at_next - at_first) * n * (n - 1) // 2  # sizes grow linearly with P
     return total

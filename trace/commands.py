@@ -6,7 +6,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from stages import Sampling, UserError, load_model, tokenize
+from stages import Sampling, UserError, check_length, load_model, tokenize
 from stages.registry import STAGES
 
 from .budget import estimate_bytes
@@ -69,10 +69,24 @@ def _capture(args) -> Capture:
     extra = rules_for_plot(args.stage, args.step, args.layer) if args.plot else ()
     if args.capture != "selected":
         try:
-            extra += tuple(Rule.parse(text) for text in args.capture.split(";") if text.strip())
+            rules = tuple(Rule.parse(text) for text in args.capture.split(";") if text.strip())
         except ValueError as e:
             raise UserError(f"--capture: {e}") from None
+        for rule in rules:
+            if rule.stages is not None and not 1 <= min(lo for lo, _ in rule.stages.spans) <= rule.stages.largest <= len(STAGES):
+                raise UserError(f"--capture: stages are numbered 1-{len(STAGES)}")
+            if rule.steps is not None and rule.steps.largest >= args.max_new_tokens:
+                raise UserError(f"--capture: step {rule.steps.largest} does not exist: with --max-new-tokens "
+                                f"{args.max_new_tokens} the steps are 0-{args.max_new_tokens - 1}")
+        extra += rules
     return Capture.selected(args.step, args.layer, *extra, **kw)
+
+
+def _check_capture_layers(capture: Capture, config) -> None:
+    for rule in capture.rules:
+        if rule.layers is not None and rule.layers.largest >= config.n_layers:
+            raise UserError(f"--capture: layer {rule.layers.largest} does not exist: this model has layers "
+                            f"0-{config.n_layers - 1}")
 
 
 def _pictures(trace: Trace, args, err: Console) -> None:
@@ -127,11 +141,13 @@ def cmd_run(args, out: Console, err: Console) -> int:
     capture = _capture(args)
     model = _load(args, err)
     _check_view(args, model.config)
+    _check_capture_layers(capture, model.config)
     chat = not args.raw and model.tokenizer.chat_template is not None
     if not args.raw and not chat:
         err.print("note: this model has no chat template, so the prompt is fed as it is", style="dim")
     if args.estimate:
         prompt_len = len(tokenize(model.tokenizer, args.prompt, chat))
+        check_length(prompt_len, args.max_new_tokens, model.config.max_seq_len)
         size = estimate_bytes(model.config, prompt_len, args.max_new_tokens, capture, model.dtype)
         out.print(f"capture {args.capture!r} would keep about {size / 2**20:.1f} MB of values for this "
                   f"{prompt_len}-token prompt and up to {args.max_new_tokens} new tokens "

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from stages import UserError
 from stages.registry import stage as stage_info
 
-from .recorder import Rule, TensorRecord
+from .recorder import Ranges, Rule, TensorRecord
 from .run import Trace
 from .values import as_matrix
 
@@ -27,9 +27,9 @@ CLIP_PERCENTILE = 99.5
 def rules_for_plot(stage: int, step: int, layer: int) -> tuple[Rule, ...]:
     """What a run must keep, beyond the shown step and layer, for the figure of `stage`."""
     if stage in (15, 18):  # the residual stream of every layer at this step
-        return (Rule(stages=frozenset({4, 15, 18}), steps=frozenset({step})),)
+        return (Rule(stages=Ranges.of(4, 15, 18), steps=Ranges.of(step)),)
     if stage in (11, 12):  # the cache of this layer at every step
-        return (Rule(stages=frozenset({11}), layers=frozenset({layer})),)
+        return (Rule(stages=Ranges.of(11), layers=Ranges.of(layer)),)
     return ()
 
 

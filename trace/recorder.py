@@ -67,25 +67,43 @@ def _stats(t: torch.Tensor) -> torch.Tensor | None:
     return torch.stack([lo.double(), hi.double(), mean, std])  # stays on the device until read
 
 
-def _ids(text: str, what: str) -> frozenset[int]:
-    """'0,3,5-7' -> {0, 3, 5, 6, 7}."""
-    ids = set()
-    try:
+@dataclass(frozen=True)
+class Ranges:
+    """A set of whole numbers as inclusive ranges: '0,3,5-7' is ((0, 0), (3, 3), (5, 7)).
+    Held as ranges, never as the numbers, so that 'steps=0-99999999999' costs nothing."""
+    spans: tuple[tuple[int, int], ...]
+
+    def __contains__(self, value: int) -> bool:
+        return any(lo <= value <= hi for lo, hi in self.spans)
+
+    @property
+    def largest(self) -> int:
+        return max(hi for _, hi in self.spans)
+
+    @classmethod
+    def of(cls, *values: int) -> "Ranges":
+        return cls(tuple((v, v) for v in sorted(set(values))))
+
+    @classmethod
+    def parse(cls, text: str, what: str) -> "Ranges":
+        spans = []
         for part in text.split(","):
-            lo, _, hi = part.partition("-")
-            ids.update(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise ValueError(f"{what} must be numbers or ranges like 0,3,5-7, not {text!r}") from None
-    return frozenset(ids)
+            lo, dash, hi = part.partition("-")
+            if not lo.isdigit() or (dash and not hi.isdigit()):
+                raise ValueError(f"{what} must be numbers or ranges like 0,3,5-7, not {text!r}")
+            spans.append((int(lo), int(hi) if dash else int(lo)))
+            if spans[-1][0] > spans[-1][1]:
+                raise ValueError(f"{what}: the range {part} runs backwards")
+        return cls(tuple(spans))
 
 
 @dataclass(frozen=True)
 class Rule:
     """Records of these stages, steps and layers keep their values (None: any).
     The layer filter applies to the records made inside the blocks only."""
-    stages: frozenset[int] | None = None
-    steps: frozenset[int] | None = None
-    layers: frozenset[int] | None = None
+    stages: Ranges | None = None
+    steps: Ranges | None = None
+    layers: Ranges | None = None
 
     def matches(self, stage: int, step: int | None, layer: int | None) -> bool:
         return ((self.stages is None or stage in self.stages)
@@ -100,7 +118,7 @@ class Rule:
             key, _, value = item.partition("=")
             if key not in ("stages", "steps", "layers") or not value:
                 raise ValueError(f"a capture rule is 'stages=… steps=… layers=…', not {item!r}")
-            parts[key] = _ids(value, key)
+            parts[key] = Ranges.parse(value, key)
         return cls(**parts)
 
 
@@ -108,13 +126,13 @@ class Rule:
 class Capture:
     """The capture policy: which records keep values (any rule matches; records
     made before the loop always do), up to how many bytes, in which dtype."""
-    rules: tuple[Rule, ...] = (Rule(steps=frozenset({0}), layers=frozenset({0})),)
+    rules: tuple[Rule, ...] = (Rule(steps=Ranges.of(0), layers=Ranges.of(0)),)
     max_bytes: int | None = None  # beyond it, statistics only
     store_dtype: torch.dtype | None = None  # e.g. torch.float16: floating values are kept smaller
 
     @classmethod
     def selected(cls, step: int = 0, layer: int = 0, *extra: Rule, **kw) -> "Capture":
-        return cls((Rule(steps=frozenset({step}), layers=frozenset({layer})), *extra), **kw)
+        return cls((Rule(steps=Ranges.of(step), layers=Ranges.of(layer)), *extra), **kw)
 
     @classmethod
     def everything(cls, **kw) -> "Capture":
