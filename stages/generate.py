@@ -18,7 +18,7 @@ def forward_step(model: Model, tokens: torch.Tensor, start_pos: int, caches: lis
     """One pass of the model over tokens[P:P+T] (T) -> (next id, logits (V)): stages 4, 5 and 19."""
     config, weights = model.config, model.weights
     x = create_input_tensor(tokens, weights.tok_embeddings)  # (T, D)
-    freqs_cis = model.freqs_cis[start_pos:start_pos + tokens.shape[0]]  # (T, Dh/2)
+    freqs_cis = model.rotations(start_pos + tokens.shape[0])[start_pos:]  # (T, Dh/2)
     h = forward_through_blocks(x, weights.layers, caches, freqs_cis, start_pos, config)  # (T, D)
     return forward_output(h, weights.norm, weights.output, config.norm_eps, sampling, generator)
 
@@ -45,6 +45,7 @@ def generate(model: Model, prompt_ids: list[int], max_new_tokens: int, sampling:
     check_length(len(prompt_ids), max_new_tokens, model.config.max_seq_len)
     max_len = len(prompt_ids) + max_new_tokens
     pad_id = model.tokenizer.pad_id if model.tokenizer else 0
+    model.rotations(max_len)  # the table of every position of this run, made once
     tokens = create_tokens_tensor(prompt_ids, max_len, pad_id, model.device)  # (S)
     caches = [KVCache.empty(max_len, model.config.n_kv_heads, model.config.head_dim, model.device, model.dtype)
               for _ in model.weights.layers]

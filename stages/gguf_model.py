@@ -14,6 +14,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import UserError
+from .inputs import regular_file
 from .tokenizer import Tokenizer
 from .weights import LayerWeights, Weights
 
@@ -23,10 +24,7 @@ _LAYER_TENSORS = {"attention_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k",
 
 
 def open_gguf(path: Path) -> gguf.GGUFReader:
-    if not path.exists():
-        raise UserError(f"model file not found: {path}")
-    if not path.is_file():
-        raise UserError(f"model path is not a file: {path}")
+    regular_file(path, "model file")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
@@ -39,11 +37,20 @@ def open_gguf(path: Path) -> gguf.GGUFReader:
 
 def read_fields(reader: gguf.GGUFReader) -> dict:
     """Every metadata key with its value as plain Python (lists for arrays)."""
-    return {name: field.contents() for name, field in reader.fields.items()}
+    try:
+        return {name: field.contents() for name, field in reader.fields.items()}
+    except Exception as e:  # the library raises many kinds on damaged metadata
+        raise UserError(f"the GGUF file's metadata is damaged ({type(e).__name__}: {e})") from None
+
+
+def _length(value) -> int | None:
+    return len(value) if isinstance(value, list) else None
 
 
 def config_from_fields(fields: dict) -> ModelConfig:
     arch = fields.get("general.architecture")
+    if not isinstance(arch, str):
+        raise UserError("the GGUF file names no architecture (general.architecture)")
     if arch != "llama":
         raise UserError(f"unsupported architecture {arch!r}: only LLaMA-architecture GGUF files can be traced")
     if fields.get("llama.rope.scaling.type", "none") not in ("none", None):
@@ -53,7 +60,7 @@ def config_from_fields(fields: dict) -> ModelConfig:
             dim=fields["llama.embedding_length"], n_layers=fields["llama.block_count"],
             n_heads=fields["llama.attention.head_count"],
             n_kv_heads=fields.get("llama.attention.head_count_kv", fields["llama.attention.head_count"]),
-            vocab_size=fields.get("llama.vocab_size", len(fields.get("tokenizer.ggml.tokens", []))),
+            vocab_size=fields.get("llama.vocab_size", _length(fields.get("tokenizer.ggml.tokens"))),
             ffn_dim=fields["llama.feed_forward_length"],
             norm_eps=fields.get("llama.attention.layer_norm_rms_epsilon", 1e-5),
             rope_theta=fields.get("llama.rope.freq_base", 10000.0),
@@ -61,17 +68,26 @@ def config_from_fields(fields: dict) -> ModelConfig:
     except KeyError as e:
         raise UserError(f"GGUF metadata lacks {e.args[0]}") from None
     except ValueError as e:
-        raise UserError(f"unsupported model shape: {e}") from None
+        raise UserError(f"the model's metadata is impossible or unsupported: {e}") from None
     if fields.get("llama.rope.dimension_count", config.head_dim) != config.head_dim:
         raise UserError("unsupported: RoPE applied to only part of each head")
     return config
 
 
-def _dequantize(tensor) -> torch.Tensor:
+def _dequantize(tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor's values as float32, if it has the shape the config says (checked before any work)."""
+    if tuple(reversed([int(n) for n in tensor.shape])) != shape:  # GGUF lists dimensions innermost first
+        raise UserError(f"tensor {tensor.name} has shape {tuple(reversed(tensor.shape.tolist()))}, but the "
+                        f"model's metadata says {shape}")
     try:
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError:
         raise UserError(f"unsupported quantization {tensor.tensor_type.name} in tensor {tensor.name}") from None
+    except Exception as e:  # a block size that does not divide, data cut short
+        raise UserError(f"tensor {tensor.name} is damaged ({type(e).__name__}: {e})") from None
+    if values.size != int(np.prod(shape)):
+        raise UserError(f"tensor {tensor.name} holds {values.size} values, not the {int(np.prod(shape))} of {shape}")
+    values = values.reshape(shape)
     # F32 tensors come back as read-only views of the memory-mapped file: copy those only.
     return torch.from_numpy(np.require(values, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
 
@@ -84,22 +100,29 @@ def load_weights(reader: gguf.GGUFReader, config: ModelConfig,
         raise UserError(f"unsupported tensor {unsupported[0]} (biases and RoPE frequency scaling are not supported)")
     done, total = 0, len(tensors)
 
-    def take(name: str) -> torch.Tensor:
+    def take(name: str, *shape: int) -> torch.Tensor:
         nonlocal done
         if name not in tensors:
             raise UserError(f"GGUF file lacks tensor {name}")
-        value = _dequantize(tensors[name])
+        value = _dequantize(tensors[name], shape)
         done += 1
         if progress:
             progress(done, total)
         return value
 
-    tok_embeddings = take("token_embd.weight")  # (V, D)
-    layers = [LayerWeights(**{ours: take(f"blk.{i}.{theirs}.weight") for ours, theirs in _LAYER_TENSORS.items()})
-              for i in range(config.n_layers)]
+    c = config
+    shapes = {"attention_norm": (c.dim,), "wq": (c.n_heads * c.head_dim, c.dim),
+              "wk": (c.n_kv_heads * c.head_dim, c.dim), "wv": (c.n_kv_heads * c.head_dim, c.dim),
+              "wo": (c.dim, c.n_heads * c.head_dim), "ffn_norm": (c.dim,), "w1": (c.ffn_dim, c.dim),
+              "w3": (c.ffn_dim, c.dim), "w2": (c.dim, c.ffn_dim)}
+    tok_embeddings = take("token_embd.weight", c.vocab_size, c.dim)  # (V, D)
+    layers = [LayerWeights(**{ours: take(f"blk.{i}.{theirs}.weight", *shapes[ours])
+                              for ours, theirs in _LAYER_TENSORS.items()})
+              for i in range(c.n_layers)]
     # Models with tied embeddings (SmolLM2) have no output.weight: the head reuses the table.
-    output = take("output.weight") if "output.weight" in tensors else tok_embeddings
-    return Weights(tok_embeddings=tok_embeddings, layers=layers, norm=take("output_norm.weight"), output=output)
+    output = take("output.weight", c.vocab_size, c.dim) if "output.weight" in tensors else tok_embeddings
+    return Weights(tok_embeddings=tok_embeddings, layers=layers, norm=take("output_norm.weight", c.dim),
+                   output=output)
 
 
 def read_gguf(path: Path, progress: Callable[[int, int], None] | None = None):
@@ -107,6 +130,7 @@ def read_gguf(path: Path, progress: Callable[[int, int], None] | None = None):
     reader = open_gguf(path)
     fields = read_fields(reader)
     config = config_from_fields(fields)
-    tokenizer = Tokenizer.from_gguf_fields(fields)
+    tokenizer = Tokenizer.from_gguf_fields(fields, config.vocab_size)
     weights = load_weights(reader, config, progress)
-    return fields.get("general.name", path.stem), config, weights, tokenizer
+    name = fields.get("general.name")
+    return name if isinstance(name, str) and name.strip() else path.stem, config, weights, tokenizer

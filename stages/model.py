@@ -16,14 +16,19 @@ class Model:
     config: ModelConfig
     weights: Weights
     tokenizer: Tokenizer | None
-    freqs_cis: torch.Tensor  # (max_seq_len, Dh/2) complex64, on the weights' device
+    _freqs_cis: torch.Tensor | None = None  # (positions so far, Dh/2) complex64, on the weights' device
 
     @classmethod
     def build(cls, name: str, config: ModelConfig, weights: Weights, tokenizer: Tokenizer | None,
               device: torch.device, dtype: torch.dtype = torch.float32) -> "Model":
-        weights = weights.to(device, dtype)
-        freqs_cis = precompute_freqs_cis(config.head_dim, config.max_seq_len, config.rope_theta).to(device)
-        return cls(name, config, weights, tokenizer, freqs_cis)
+        return cls(name, config, weights.to(device, dtype), tokenizer)
+
+    def rotations(self, end: int) -> torch.Tensor:
+        """freqs_cis (end, Dh/2) for positions 0..end-1. The table grows to what runs need, not to
+        the model's whole context (which a model file may claim to be millions of positions)."""
+        if self._freqs_cis is None or self._freqs_cis.shape[0] < end:
+            self._freqs_cis = precompute_freqs_cis(self.config.head_dim, end, self.config.rope_theta).to(self.device)
+        return self._freqs_cis[:end]
 
     @property
     def device(self) -> torch.device:

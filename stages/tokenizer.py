@@ -2,10 +2,9 @@
 library, and its chat template, rendered with Jinja as Hugging Face does."""
 from dataclasses import dataclass
 
-import jinja2
-import jinja2.sandbox
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
+from .chat_template import render_chat_template
 from .errors import UserError
 
 # llama.cpp's token types: 3 = control (<|im_start|> ...), 4 = user-defined.
@@ -30,6 +29,17 @@ def _pre_tokenizer(pre: str):
     raise UserError(f"unsupported tokenizer pre-type {pre!r} (supported: smollm, starcoder, gpt2, llama-bpe)")
 
 
+_ID_FIELDS = ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+              "tokenizer.ggml.eom_token_id", "tokenizer.ggml.padding_token_id")
+
+
+def _strings(fields: dict, key: str) -> list[str]:
+    value = fields.get(key)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UserError(f"the GGUF file's tokenizer lacks {key}, or it is not a list of strings")
+    return value
+
+
 @dataclass
 class Tokenizer:
     backend: HFTokenizer
@@ -40,25 +50,44 @@ class Tokenizer:
     chat_template: str | None
 
     @classmethod
-    def from_gguf_fields(cls, fields: dict) -> "Tokenizer":
+    def from_gguf_fields(cls, fields: dict, vocab_size: int) -> "Tokenizer":
+        """The tokenizer a GGUF file describes, each field checked: ids must fit the model's
+        vocab_size rows of embeddings."""
         kind = fields.get("tokenizer.ggml.model")
         if kind != "gpt2":
             raise UserError(f"unsupported tokenizer model {kind!r}: only byte-level BPE ('gpt2') is supported")
-        tokens = fields["tokenizer.ggml.tokens"]
-        merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
-        backend = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
-                                         ignore_merges=fields.get("tokenizer.ggml.pre") in ("llama-bpe", "llama3")))
+        tokens = _strings(fields, "tokenizer.ggml.tokens")
+        if not 0 < len(tokens) <= vocab_size:
+            raise UserError(f"the GGUF tokenizer has {len(tokens)} tokens, but the model has {vocab_size} embeddings")
+        merges = [tuple(m.split(" ", 1)) for m in _strings(fields, "tokenizer.ggml.merges")]
+        if any(len(m) != 2 for m in merges):
+            raise UserError("the GGUF tokenizer's merges are damaged (a merge is two pieces and a space)")
+        ids = {k: fields[k] for k in _ID_FIELDS if k in fields}
+        for key, value in ids.items():
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < len(tokens):
+                raise UserError(f"the GGUF tokenizer's {key} is {value!r}: not a token of its {len(tokens)}")
+        if not isinstance(fields.get("tokenizer.ggml.token_type", []), list) or \
+                not all(isinstance(t, int) for t in fields.get("tokenizer.ggml.token_type", [])):
+            raise UserError("the GGUF tokenizer's token types are damaged")
+        template = fields.get("tokenizer.chat_template")
+        if template is not None and not isinstance(template, str):
+            raise UserError("the GGUF file's chat template is not text")
+        try:
+            backend = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                                             ignore_merges=fields.get("tokenizer.ggml.pre") in ("llama-bpe", "llama3")))
+        except Exception as e:  # e.g. a merge of pieces that are not in the vocabulary
+            raise UserError(f"the GGUF tokenizer is damaged ({e})") from None
         backend.pre_tokenizer = _pre_tokenizer(fields.get("tokenizer.ggml.pre", "default"))
         backend.decoder = decoders.ByteLevel()
         types = fields.get("tokenizer.ggml.token_type", [])
         backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
                                     for i, t in enumerate(types) if t in _SPECIAL_TYPES])
-        stop = {fields[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
-                                    "tokenizer.ggml.eom_token_id") if k in fields}
-        bos = fields.get("tokenizer.ggml.bos_token_id")
-        return cls(backend=backend, bos_id=bos, add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", False)),
-                   stop_ids=frozenset(stop), pad_id=fields.get("tokenizer.ggml.padding_token_id", 0),
-                   chat_template=fields.get("tokenizer.chat_template"))
+        stop = {ids[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                                 "tokenizer.ggml.eom_token_id") if k in ids}
+        return cls(backend=backend, bos_id=ids.get("tokenizer.ggml.bos_token_id"),
+                   add_bos=bool(fields.get("tokenizer.ggml.add_bos_token", False)),
+                   stop_ids=frozenset(stop), pad_id=ids.get("tokenizer.ggml.padding_token_id", 0),
+                   chat_template=template)
 
     @property
     def vocab_size(self) -> int:
@@ -79,17 +108,6 @@ class Tokenizer:
         """The prompt as the chat model was trained to see it, ready for its reply."""
         if not self.chat_template:
             raise UserError("this model has no chat template; use --raw")
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-        def raise_exception(message):
-            raise UserError(f"chat template: {message}")
-
-        env.globals["raise_exception"] = raise_exception
         bos = self.backend.id_to_token(self.bos_id) if self.bos_id is not None else ""
         eos = self.backend.id_to_token(min(self.stop_ids)) if self.stop_ids else ""
-        try:
-            return env.from_string(self.chat_template).render(
-                messages=[{"role": "user", "content": user_message}], add_generation_prompt=True,
-                bos_token=bos, eos_token=eos)
-        except jinja2.TemplateError as e:
-            raise UserError(f"the model's chat template failed: {e}") from None
+        return render_chat_template(self.chat_template, user_message, bos or "", eos or "")

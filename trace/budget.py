@@ -68,7 +68,7 @@ def estimate_bytes(config: ModelConfig, prompt_len: int, max_new_tokens: int, ca
              "F": config.ffn_dim, "V": config.vocab_size, "S": S, "T0": prompt_len}
     blocks = {  # memory shared by every step: each layer's caches, and the one table of rotations
         "the cache (S, Hkv, Dh)": (S * config.n_kv_heads * config.head_dim * itemsize["float"], True),
-        "the table of every position": (config.max_seq_len * config.head_dim // 2 * 8, False)}
+        "the table of every position": (S * config.head_dim // 2 * 8, False)}
     records = []  # (stage, tensor, layer, where its memory comes from), every record one step makes
     for stage in STAGES[3:]:
         for spec in (spec for spec in stage.tensors if spec.role != "weight"):

@@ -1,5 +1,9 @@
 """`python -m trace`: the command line. Arguments are parsed here; commands.py does the work."""
 import argparse
+import os
+import signal
+import sys
+import threading
 from pathlib import Path
 
 from rich.console import Console
@@ -35,14 +39,15 @@ def _stage_number(text: str) -> int:
     return int(text)
 
 
-def _count(minimum: int):
+def _count(minimum: int, maximum: int | None = None):
     def parse(text: str) -> int:
         try:
-            value = int(text)
+            value = int(text) if len(text) < 100 else None
         except ValueError:
             value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"must be a whole number of at least {minimum}, not {text!r}")
+        if value is None or value < minimum or (maximum is not None and value > maximum):
+            within = f"from {minimum} to {maximum}" if maximum is not None else f"of at least {minimum}"
+            raise argparse.ArgumentTypeError(f"must be a whole number {within}, not {text!r}")
         return value
     return parse
 
@@ -130,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=_count(0), default=0, metavar="K", help="sample among the K best tokens only")
     gen.add_argument("--top-p", type=_fraction(0.0, 1.0), default=1.0, metavar="P",
                      help="sample among the best tokens that make up mass P")
-    gen.add_argument("--seed", type=_count(0), metavar="N", help="random seed for sampling")
+    gen.add_argument("--seed", type=_count(0, 2**64 - 1), metavar="N", help="random seed for sampling")
     gen.add_argument("--raw", action="store_true", help="feed the prompt as it is, without the chat template")
 
     diagram = _command(
@@ -167,14 +172,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that every `finally` runs (no partial file is left)."""
+
+
+def _stop_on_sigterm(signum, frame):
+    raise Stopped()
+
+
+def _text_arguments_are_text(argv: list[str]) -> None:
+    """Arguments that are not valid UTF-8 arrive with lone surrogates: say so before any work."""
+    for value in argv:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"an argument is not valid UTF-8 text: {value.encode('utf-8', 'replace').decode()!r}") \
+                from None
+
+
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show '·' gets '?', not a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     args = build_parser().parse_args(argv)
     out, err = Console(), Console(stderr=True)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where signals can be caught
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if in_main_thread else None
     try:
-        return getattr(commands, f"cmd_{args.command}")(args, out, err)
+        _text_arguments_are_text(sys.argv[1:] if argv is None else argv)
+        status = getattr(commands, f"cmd_{args.command}")(args, out, err)
+        sys.stdout.flush()  # here, where a closed pipe can still be caught
+        return status
     except UserError as e:
         err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
         return 1
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, as command-line tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Stopped:
+        err.print("terminated")
+        return 143
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130
+    except MemoryError:
+        err.print("error: out of memory (try a shorter prompt, fewer new tokens or a smaller --capture)")
+        return 1
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)

@@ -13,7 +13,7 @@ from .budget import estimate_bytes
 from .compare import diff_table
 from .diagram import FORMATS, drawing, render
 from .export import stages_to_json, trace_to_json
-from .files import write_output
+from .files import check_writable, write_output
 from .plots import PLOT_FORMATS, figure_bytes, rules_for_plot, stage_figure
 from .recorder import Capture, Rule
 from .run import Trace, traced_run
@@ -21,6 +21,11 @@ from .tables import model_line, shapes_table, stage_detail, stages_table
 from .tracefile import load_trace, save_trace
 
 DEFAULT_PROMPT = "What is the capital of France?"
+
+
+def _say(console: Console, text: str, style: str = "dim") -> None:
+    """A line of text as it is: file names, model names and notes are never read as markup."""
+    console.print(text, style=style, markup=False, highlight=False)
 
 
 def _load(args, err: Console):
@@ -37,15 +42,8 @@ def _output_format(path: Path, force: bool, formats: tuple[str, ...] = FORMATS) 
     if fmt not in formats:
         raise UserError(f"cannot tell the format of {path}: use a name ending in " +
                         ", ".join(f".{f}" for f in formats))
-    _check_free(path, force)
+    check_writable(path, force)
     return fmt
-
-
-def _check_free(path: Path, force: bool) -> None:
-    if path.is_dir():
-        raise UserError(f"{path} is a directory, not a file name")
-    if path.exists() and not force:
-        raise UserError(f"{path} exists already (add --force to overwrite it)")
 
 
 def _check_view(args, config, n_steps: int | None = None) -> None:
@@ -94,26 +92,25 @@ def _pictures(trace: Trace, args, err: Console) -> None:
     if args.diagram:
         graph = drawing(args.stage, trace, args.step, args.layer)
         write_output(args.diagram, render(graph, _output_format(args.diagram, args.force)), args.force)
-        err.print(f"drew {args.diagram}", style="dim")
+        _say(err, f"drew {args.diagram}")
     if args.plot:
         figure = stage_figure(trace, args.stage, args.step, args.layer, args.head)
         write_output(args.plot, figure_bytes(figure, _output_format(args.plot, args.force, PLOT_FORMATS)),
                      args.force)
-        err.print(f"plotted {args.plot}", style="dim")
+        _say(err, f"plotted {args.plot}")
 
 
 def _show(trace: Trace, args, out: Console, err: Console) -> None:
     """What run shows after the answer: the same for a live trace and a saved one."""
     for note in trace.notes:
-        err.print(f"note: {note}", style="dim", markup=False, highlight=False)
+        _say(err, f"note: {note}")
     _pictures(trace, args, err)
     if args.json:
         print(json.dumps(trace_to_json(trace, args.step, args.layer, args.stage)))
         return
     out.print()
-    out.print(f"[dim]{len(trace.new_ids)} new tokens from a {len(trace.prompt_ids)}-token prompt in "
-              f"{trace.seconds:.2f} s[/dim]")
-    out.print(f"[dim]{model_line(trace)}[/dim]")
+    _say(out, f"{len(trace.new_ids)} new tokens from a {len(trace.prompt_ids)}-token prompt in {trace.seconds:.2f} s")
+    _say(out, model_line(trace))
     out.print()
     out.print(stage_detail(trace, args.stage, args.step, args.layer, args.head) if args.stage
               else shapes_table(trace, args.step, args.layer))
@@ -128,7 +125,7 @@ def _check_outputs(args) -> None:
     if args.plot:
         _output_format(args.plot, args.force, PLOT_FORMATS)
     if getattr(args, "save", None):
-        _check_free(args.save, args.force)
+        check_writable(args.save, args.force)
 
 
 def cmd_run(args, out: Console, err: Console) -> int:
@@ -144,14 +141,14 @@ def cmd_run(args, out: Console, err: Console) -> int:
     _check_capture_layers(capture, model.config)
     chat = not args.raw and model.tokenizer.chat_template is not None
     if not args.raw and not chat:
-        err.print("note: this model has no chat template, so the prompt is fed as it is", style="dim")
+        _say(err, "note: this model has no chat template, so the prompt is fed as it is")
     if args.estimate:
         prompt_len = len(tokenize(model.tokenizer, args.prompt, chat))
         check_length(prompt_len, args.max_new_tokens, model.config.max_seq_len)
         size = estimate_bytes(model.config, prompt_len, args.max_new_tokens, capture, model.dtype)
-        out.print(f"capture {args.capture!r} would keep about {size / 2**20:.1f} MB of values for this "
+        _say(out, f"capture {args.capture!r} would keep about {size / 2**20:.1f} MB of values for this "
                   f"{prompt_len}-token prompt and up to {args.max_new_tokens} new tokens "
-                  f"(budget {args.max_trace_mb} MB)")
+                  f"(budget {args.max_trace_mb} MB)", style="none")
         return 0
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     streamed: list[str] = []
@@ -167,7 +164,7 @@ def cmd_run(args, out: Console, err: Console) -> int:
     _check_view(args, model.config, trace.n_steps)
     if args.save:
         save_trace(trace, args.save, args.force)
-        err.print(f"saved the trace to {args.save}", style="dim")
+        _say(err, f"saved the trace to {args.save}")
     _show(trace, args, out, err)
     return 0
 
@@ -194,6 +191,15 @@ def cmd_diagram(args, out: Console, err: Console) -> int:
     if args.all is None and args.output is None:
         raise UserError("say where to draw: -o FILE (.svg, .png, .pdf or .dot), or --all FOLDER")
     fmt = _output_format(args.output, args.force) if args.output else None
+    targets = {}  # every file of --all, checked before the first is written
+    if args.all is not None:
+        if not args.all.is_dir():
+            raise UserError(f"--all needs an existing folder, not {args.all}")
+        for number in (None, *range(1, len(STAGES) + 1)):
+            name = "complete-model" if number is None else f"stage{number:02d}"
+            targets[number] = [args.all / f"{name}.{fmt}" for fmt in ("dot", "svg")]
+            for path in targets[number]:
+                check_writable(path, args.force)
     trace = None
     if not args.symbolic:
         model = _load(args, err)
@@ -201,16 +207,13 @@ def cmd_diagram(args, out: Console, err: Console) -> int:
         trace = traced_run(model, DEFAULT_PROMPT, max_new_tokens=1)
     if args.output:
         write_output(args.output, render(drawing(args.stage, trace, 0, args.layer), fmt), args.force)
-        err.print(f"drew {args.output}", style="dim")
+        _say(err, f"drew {args.output}")
         return 0
-    if not args.all.is_dir():
-        raise UserError(f"--all needs an existing folder, not {args.all}")
-    for number in (None, *range(1, len(STAGES) + 1)):
+    for number, paths in targets.items():
         graph = drawing(number, trace, 0, args.layer)
-        name = "complete-model" if number is None else f"stage{number:02d}"
-        for fmt in ("dot", "svg"):
-            write_output(args.all / f"{name}.{fmt}", render(graph, fmt), args.force)
-    err.print(f"drew the complete model and the {len(STAGES)} stages into {args.all}", style="dim")
+        for path in paths:
+            write_output(path, render(graph, path.suffix[1:]), args.force)
+    _say(err, f"drew the complete model and the {len(STAGES)} stages into {args.all}")
     return 0
 
 

@@ -28,7 +28,7 @@ def diff_table(a: Trace, b: Trace, step: int, layer: int, stage: int | None, nam
             continue
         rb = records_b.get((ra.stage, ra.name))
         if rb is None:
-            table.add_row(str(ra.stage), ra.name, _shape(ra.shape), "absent", ra.dtype, "")
+            table.add_row(str(ra.stage), Text(ra.name), _shape(ra.shape), "absent", Text(ra.dtype), "")
             continue
         va, vb = ra.values, rb.values
         if va is None or vb is None:
@@ -40,6 +40,6 @@ def diff_table(a: Trace, b: Trace, step: int, layer: int, stage: int | None, nam
             known = delta[~delta.isnan()]  # -inf minus -inf (both masked) is no difference
             worst = known.max().item() if known.numel() else 0.0
             difference = Text(number(worst, 3), style="green" if worst == 0 else "")
-        table.add_row(str(ra.stage), ra.name, _shape(ra.shape), _shape(rb.shape),
-                      ra.dtype if ra.dtype == rb.dtype else f"{ra.dtype}/{rb.dtype}", difference)
+        table.add_row(str(ra.stage), Text(ra.name), _shape(ra.shape), _shape(rb.shape),
+                      Text(ra.dtype if ra.dtype == rb.dtype else f"{ra.dtype}/{rb.dtype}"), difference)
     return Group(header, table)

@@ -52,7 +52,8 @@ def shapes_table(trace: Trace, step: int, layer: int) -> Table:
     for s in STAGES:
         table.add_row(str(s.number), Text(s.short, style="bold"))
         for r in (r for r in records if r.stage == s.number):
-            table.add_row("", Text(r.name, style=ROLE_STYLE[r.role]), r.dtype, r.symbolic, _shape(r.shape))
+            table.add_row("", Text(r.name, style=ROLE_STYLE[r.role]), Text(r.dtype), Text(r.symbolic),
+                          _shape(r.shape))
     table.caption = ROLE_LEGEND
     table.caption_justify = "left"
     return table
@@ -92,7 +93,7 @@ def stage_detail(trace: Trace, number_: int, step: int, layer: int, head: int = 
     stats = _table(None, "tensor", *STAT_NAMES)
     for r in records:
         name = Text(r.name, style=ROLE_STYLE[r.role])
-        shapes.add_row(name, r.role, r.dtype, r.symbolic, _shape(r.shape))
+        shapes.add_row(name, Text(r.role), Text(r.dtype), Text(r.symbolic), _shape(r.shape))
         stats.add_row(name, *(number(v, digits=4) for v in (r.stats or {}).values()))
     parts = [header, shapes, stats]
     if (heatmap := _heatmap(trace, s, records, head)) is not None:
