@@ -1,4 +1,5 @@
 """`diff`: two traces side by side, stage by stage."""
+import torch
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -9,6 +10,17 @@ from .values import number
 
 def _shape(shape) -> str:
     return "(" + ", ".join(map(str, shape)) + ")"
+
+
+def _largest_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b|, row by row (never a whole difference tensor at once); -inf minus -inf
+    (both masked) is no difference."""
+    worst = 0.0
+    for row_a, row_b in zip(a if a.dim() > 1 else a[None], b if b.dim() > 1 else b[None], strict=True):
+        delta = (row_a.double() - row_b.double()).abs()
+        delta = delta[~delta.isnan()]
+        worst = max(worst, delta.max().item() if delta.numel() else 0.0)
+    return worst
 
 
 def diff_table(a: Trace, b: Trace, step: int, layer: int, stage: int | None, names: tuple[str, str]) -> Group:
@@ -36,9 +48,7 @@ def diff_table(a: Trace, b: Trace, step: int, layer: int, stage: int | None, nam
         elif va.shape != vb.shape:
             difference = Text("shapes differ", style="yellow")
         else:
-            delta = (va - vb).abs().double()
-            known = delta[~delta.isnan()]  # -inf minus -inf (both masked) is no difference
-            worst = known.max().item() if known.numel() else 0.0
+            worst = _largest_difference(va, vb)
             difference = Text(number(worst, 3), style="green" if worst == 0 else "")
         table.add_row(str(ra.stage), Text(ra.name), _shape(ra.shape), _shape(rb.shape),
                       Text(ra.dtype if ra.dtype == rb.dtype else f"{ra.dtype}/{rb.dtype}"), difference)

@@ -3,27 +3,37 @@
 Opening one never runs code (safetensors holds raw tensors and a JSON header,
 nothing is unpickled). Records that show the same memory (a reshape, a
 transpose, the same tensor in two stages) point into one stored block, so
-nothing is stored twice.
+nothing is stored twice. The file is written block by block straight from the
+kept tensors (no copy of the trace is built in memory), and read back with
+every field of the manifest checked (trace.manifest): a file may come from anywhere.
 """
 import json
 import platform
+import struct
 import time
 from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_tensors, save as save_tensors
 
 from stages import ModelConfig, Sampling, UserError
+from stages.inputs import regular_file
 from stages.registry import STAGES
 
-from .files import write_output
-from .recorder import Capture, Rule, TensorRecord, dtype_name
+from .files import output_file
+from .manifest import MANIFEST, check, check_placement
+from .recorder import STAT_NAMES, Capture, Ranges, Rule, TensorRecord, dtype_name
 from .run import Trace
 
-FORMAT, FORMAT_VERSION = "llama-trace", 1
+FORMAT, FORMAT_VERSION = "llama-trace", 2  # version 1 held capture rules as lists of numbers
+READS = (1, 2)
+STORED = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "C64": torch.complex64}
+STORED_NAME = {dtype: name for name, dtype in STORED.items()}
+MAX_HEADER = 1 << 30  # a header (mostly the manifest) larger than this is no trace file of ours
+ALIGN = 8
 
 
 def _versions() -> dict:
@@ -35,16 +45,25 @@ def _versions() -> dict:
 
 
 def _capture_json(capture: Capture) -> dict:
-    return {"rules": [{k: sorted(v) if v is not None else None for k, v in asdict(rule).items()}
-                      for rule in capture.rules],
+    return {"rules": [{axis: [list(span) for span in ranges.spans] if ranges is not None else None
+                       for axis, ranges in vars(rule).items()} for rule in capture.rules],
             "max_bytes": capture.max_bytes,
             "store_dtype": dtype_name(capture.store_dtype) if capture.store_dtype else None}
 
 
 def _capture_from(data: dict) -> Capture:
-    rules = tuple(Rule(**{k: frozenset(v) if v is not None else None for k, v in r.items()}) for r in data["rules"])
-    store = getattr(torch, data["store_dtype"]) if data["store_dtype"] else None
-    return Capture(rules, data["max_bytes"], store)
+    rules = []
+    for rule in data["rules"]:
+        axes = {}
+        for axis, spans in rule.items():
+            if spans is not None and any(len(span) != 2 or not 0 <= span[0] <= span[1] for span in spans):
+                raise UserError(f"damaged trace file: a capture rule's {axis} are not ranges")
+            axes[axis] = Ranges(tuple(map(tuple, spans))) if spans is not None else None
+        rules.append(Rule(**axes))
+    store = data["store_dtype"]
+    if store not in (None, "float16", "bfloat16", "float32"):
+        raise UserError(f"damaged trace file: unknown stored dtype {store!r}")
+    return Capture(tuple(rules), data["max_bytes"], getattr(torch, store) if store else None)
 
 
 def _blocks(records: list[TensorRecord]) -> tuple[dict[str, torch.Tensor], list[dict | None]]:
@@ -60,7 +79,7 @@ def _blocks(records: list[TensorRecord]) -> tuple[dict[str, torch.Tensor], list[
         hi = max(v.storage_offset() + sum((s - 1) * st for s, st in zip(v.shape, v.stride(), strict=True)) + 1
                  for v in views)
         key = f"block{n}"
-        tensors[key] = views[0].as_strided((hi - lo,), (1,), lo).cpu().clone()
+        tensors[key] = views[0].as_strided((hi - lo,), (1,), lo)  # written from where it lies, not copied
         for i, v in zip(members, views, strict=True):
             places[i] = {"block": key, "offset": v.storage_offset() - lo, "shape": list(v.shape),
                          "stride": list(v.stride())}
@@ -83,73 +102,134 @@ def save_trace(trace: Trace, path: Path, force: bool) -> Path:
                      "stats": list(r.stats.values()) if r.stats else None, "values": place}
                     for r, place in zip(trace.records, places, strict=True)],
     }
-    header = {FORMAT: json.dumps(manifest, separators=(",", ":"))}
-    return write_output(path, save_tensors(tensors, metadata=header), force)
+    header, offset = {"__metadata__": {FORMAT: json.dumps(manifest, separators=(",", ":"))}}, 0
+    for key, block in tensors.items():
+        size = block.numel() * block.element_size()
+        header[key] = {"dtype": STORED_NAME[block.dtype], "shape": [block.numel()], "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % ALIGN)  # safetensors pads its header to 8 bytes
+    with output_file(path, force) as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for block in tensors.values():  # one block at a time, from the trace's own memory
+            f.write(block.cpu().contiguous().view(torch.uint8).numpy().data)
+    return path
 
 
 def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    if not path.exists():
-        raise UserError(f"trace file not found: {path}")
-    if path.is_dir():
-        raise UserError(f"{path} is a directory, not a trace file")
-    data = path.read_bytes()
-    try:
-        tensors = load_tensors(data)
-        header_len = int.from_bytes(data[:8], "little")
-        metadata = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
-    except (SafetensorError, ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not a trace file, or it is damaged ({str(e).splitlines()[0]})") from None
-    if FORMAT not in metadata:
-        raise UserError(f"{path} is a safetensors file but not a llama-trace file (it has no trace manifest)")
-    try:
-        manifest = json.loads(metadata[FORMAT])
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: its trace manifest is damaged ({e})") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
-        raise UserError(f"{path}: unsupported trace format {manifest.get('format')!r} "
-                        f"version {manifest.get('version')!r} (this tool reads version {FORMAT_VERSION})")
-    return manifest, tensors
+    regular_file(path, "trace file")
+    size = path.stat().st_size
+    damaged = f"{path} is not a trace file, or it is damaged"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise UserError(f"{damaged} (it is only {size} bytes long)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(MAX_HEADER, size - 8):
+            raise UserError(f"{damaged} (its header claims {header_len} bytes)")
+        try:
+            header = json.loads(f.read(header_len))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{damaged} (its header is not JSON: {e})") from None
+        if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
+            raise UserError(f"{damaged} (its header is not a safetensors header)")
+        metadata = header.pop("__metadata__", {})
+        if FORMAT not in metadata:
+            raise UserError(f"{path} is a safetensors file but not a llama-trace file (it has no trace manifest)")
+        try:
+            manifest = json.loads(metadata[FORMAT])
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{path}: its trace manifest is damaged ({e})") from None
+        if not isinstance(manifest, dict):
+            raise UserError(f"{path}: its trace manifest is damaged (not a JSON object)")
+        if manifest.get("format") != FORMAT or manifest.get("version") not in READS:
+            raise UserError(f"{path}: unsupported trace format {manifest.get('format')!r} "
+                            f"version {manifest.get('version')!r} (this tool reads versions 1 and 2)")
+        return manifest, _read_blocks(f, header, 8 + header_len, size, damaged)
 
 
-def _values(entry: dict, place: dict | None, tensors: dict[str, torch.Tensor], where: str) -> torch.Tensor | None:
-    if place is None:
-        return None
-    block = tensors.get(place["block"])
-    shape, stride, offset = place["shape"], place["stride"], place["offset"]
-    if block is None or len(shape) != len(stride) or offset < 0 or min(stride, default=0) < 0:
-        raise UserError(f"damaged trace file: the values of {where} are missing or misplaced")
-    extent = offset + sum((s - 1) * st for s, st in zip(shape, stride, strict=True)) + 1 if all(shape) else 0
-    if extent > block.numel():
-        raise UserError(f"damaged trace file: the values of {where} lie beyond their block")
-    full = list(entry["shape"])
-    if (entry["role"] != "weight" and shape != full) or len(shape) != len(full) or \
-            any(s > f for s, f in zip(shape, full, strict=True)):
-        raise UserError(f"damaged trace file: {where} says its shape is {tuple(full)} but its values are "
-                        f"{tuple(shape)}")
-    return block.as_strided(shape, stride, offset)
+def _read_blocks(f, header: dict, start: int, size: int, damaged: str) -> dict[str, torch.Tensor]:
+    """Each stored block, checked to lie inside the file, read straight into its tensor."""
+    tensors = {}
+    for key, entry in header.items():
+        if not isinstance(entry, dict) or entry.get("dtype") not in STORED or \
+                not isinstance(entry.get("data_offsets"), list) or len(entry["data_offsets"]) != 2 or \
+                not all(isinstance(v, int) and v >= 0 for v in entry["data_offsets"]):
+            raise UserError(f"{damaged} (block {key!r} is described wrongly)")
+        lo, hi = entry["data_offsets"]
+        dtype = STORED[entry["dtype"]]
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        if not lo <= hi <= size - start or (hi - lo) % itemsize:
+            raise UserError(f"{damaged} (block {key!r} lies outside the file)")
+        block = torch.empty(hi - lo, dtype=torch.uint8)
+        f.seek(start + lo)
+        if f.readinto(block.numpy()) != hi - lo:
+            raise UserError(f"{damaged} (block {key!r} is cut short)")
+        tensors[key] = block.view(dtype)
+    return tensors
+
+
+def _v1_rules(manifest: dict) -> None:
+    """Version 1 held each rule's stages, steps and layers as lists of numbers: make them ranges."""
+    rules = manifest.get("capture", {}).get("rules") if isinstance(manifest.get("capture"), dict) else None
+    for rule in rules if isinstance(rules, list) else []:
+        for axis, values in rule.items() if isinstance(rule, dict) else []:
+            if isinstance(values, list):
+                rule[axis] = [[v, v] for v in values]
+
+
+def _record(entry: dict, tensors: dict[str, torch.Tensor], n_steps: int, config: ModelConfig) -> TensorRecord:
+    """One record of the manifest, each field checked against the registry and the run."""
+    where = f"stage {entry['stage']} {entry['name']!r} (step {entry['step']}, layer {entry['layer']})"
+    if not 1 <= entry["stage"] <= len(STAGES):
+        raise UserError(f"damaged trace file: {where} names no stage")
+    spec = next((t for t in STAGES[entry["stage"] - 1].tensors if t.name == entry["name"]), None)
+    if spec is None or spec.role != entry["role"]:
+        raise UserError(f"damaged trace file: {where} is no tensor of that stage")
+    if entry["step"] is not None and not 0 <= entry["step"] < max(n_steps, 1) or \
+            entry["layer"] is not None and not 0 <= entry["layer"] < config.n_layers:
+        raise UserError(f"damaged trace file: {where} lies outside the run")
+    if len(entry["shape"]) > 8 or min(entry["shape"], default=0) < 0:
+        raise UserError(f"damaged trace file: {where} has an impossible shape {entry['shape']}")
+    if entry["stats"] is not None and len(entry["stats"]) != len(STAT_NAMES):
+        raise UserError(f"damaged trace file: {where} has {len(entry['stats'])} statistics")
+    if entry["dtype"] not in {dtype_name(d) for d in STORED.values()}:
+        raise UserError(f"damaged trace file: {where} has an unknown dtype {entry['dtype']!r}")
+    values, place = None, entry["values"]
+    if place is not None:
+        block = tensors.get(place["block"])
+        if block is None:
+            raise UserError(f"damaged trace file: the values of {where} are missing")
+        check_placement(place, block.numel(), entry["shape"], spec.role == "weight", config.n_rep, where)
+        values = block.as_strided(place["shape"], place["stride"], place["offset"])
+    return TensorRecord(step=entry["step"], layer=entry["layer"], stage=entry["stage"], name=entry["name"],
+                        role=entry["role"], symbolic=entry["symbolic"], dtype=entry["dtype"],
+                        shape=tuple(entry["shape"]),
+                        _stats=torch.tensor(entry["stats"], dtype=torch.float64) if entry["stats"] else None,
+                        _values=values)
 
 
 def load_trace(path: Path) -> Trace:
     """A trace file as a Trace, with every check a file from elsewhere needs."""
     manifest, tensors = _read(path)
+    if manifest["version"] == 1:
+        _v1_rules(manifest)
+    check(manifest, MANIFEST)
+    model = manifest["model"]
     try:
-        records = []
-        for entry in manifest["records"]:
-            where = f"stage {entry['stage']} {entry['name']!r} (step {entry['step']}, layer {entry['layer']})"
-            if not 1 <= entry["stage"] <= len(STAGES):
-                raise UserError(f"damaged trace file: {where} names no stage")
-            records.append(TensorRecord(
-                step=entry["step"], layer=entry["layer"], stage=entry["stage"], name=entry["name"],
-                role=entry["role"], symbolic=entry["symbolic"], dtype=entry["dtype"], shape=tuple(entry["shape"]),
-                _stats=torch.tensor(entry["stats"], dtype=torch.float64) if entry["stats"] else None,
-                _values=_values(entry, entry["values"], tensors, where)))
-        model = manifest["model"]
-        return Trace(model_name=model["name"], config=ModelConfig(**model["config"]), device=model["device"],
-                     dtype=model["dtype"], prompt=manifest["prompt"], chat=manifest["chat"],
-                     sampling=Sampling(**manifest["sampling"]), prompt_ids=manifest["prompt_ids"],
-                     new_ids=manifest["new_ids"], text=manifest["text"], answer=manifest["answer"],
-                     pieces={int(k): v for k, v in manifest["pieces"].items()}, records=records,
-                     capture=_capture_from(manifest["capture"]), seconds=manifest["seconds"],
-                     notes=manifest["notes"])
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise UserError(f"damaged trace file {path}: its manifest is incomplete ({type(e).__name__}: {e})") from None
+        config = ModelConfig(**model["config"])
+        sampling = Sampling(**manifest["sampling"])
+    except (ValueError, UserError) as e:
+        raise UserError(f"damaged trace file {path}: {e}") from None
+    n_steps = len(manifest["new_ids"])
+    if not all(0 <= i < config.vocab_size for i in manifest["prompt_ids"] + manifest["new_ids"]) or \
+            not all(key.isdigit() for key in manifest["pieces"]):
+        raise UserError(f"damaged trace file {path}: its token ids do not fit its vocabulary")
+    records = [_record(entry, tensors, n_steps, config) for entry in manifest["records"]]
+    return Trace(model_name=model["name"], config=config, device=model["device"], dtype=model["dtype"],
+                 prompt=manifest["prompt"], chat=manifest["chat"], sampling=sampling,
+                 prompt_ids=manifest["prompt_ids"], new_ids=manifest["new_ids"], text=manifest["text"],
+                 answer=manifest["answer"], pieces={int(k): v for k, v in manifest["pieces"].items()},
+                 records=records, capture=_capture_from(manifest["capture"]), seconds=manifest["seconds"],
+                 notes=manifest["notes"])
