@@ -4,7 +4,12 @@
 before site-packages (and before an editable install) on sys.path. From the
 repository root, `python -m trace` finds ours because the current directory
 comes first; anywhere else (pytest, a Jupyter kernel, an installed copy),
-`import llama_trace` first. The `llama-trace` command does it for you.
+`import llama_trace` first. The `llama-trace` command does it for you, and so
+does `python -m llama_trace`.
+
+`install_python_m_hook` (run by setup.sh) makes `python -m trace` reach ours
+from any folder too, in the environment it is installed in: a .pth file that
+imports this module when, and only when, Python was started as `python -m trace`.
 """
 import importlib.util
 import sys
@@ -29,6 +34,23 @@ def _install() -> None:
 _install()
 
 
+_HOOK = ('import sys; argv = getattr(sys, "orig_argv", []); '
+         '"-m" in argv and argv[argv.index("-m") + 1:argv.index("-m") + 2] == ["trace"] '
+         'and __import__("llama_trace")\n')
+
+
+def install_python_m_hook() -> Path:
+    """Write the .pth file that routes `python -m trace` here, into this environment's site-packages."""
+    import sysconfig
+    path = Path(sysconfig.get_paths()["purelib"]) / "llama_trace_python_m.pth"
+    path.write_text(_HOOK)
+    return path
+
+
 def main() -> int:
     from trace.cli import main as cli_main
     return cli_main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

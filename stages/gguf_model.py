@@ -43,8 +43,13 @@ def read_fields(reader: gguf.GGUFReader) -> dict:
         raise UserError(f"the GGUF file's metadata is damaged ({type(e).__name__}: {e})") from None
 
 
-def _length(value) -> int | None:
-    return len(value) if isinstance(value, list) else None
+def _vocab_size(fields: dict):
+    """llama.vocab_size, or else the length of the token list (SmolLM2's files have only that)."""
+    if "llama.vocab_size" in fields:
+        return fields["llama.vocab_size"]
+    if not isinstance(fields.get("tokenizer.ggml.tokens"), list):
+        raise UserError("GGUF metadata lacks both llama.vocab_size and the tokenizer's tokenizer.ggml.tokens")
+    return len(fields["tokenizer.ggml.tokens"])
 
 
 def config_from_fields(fields: dict) -> ModelConfig:
@@ -60,7 +65,7 @@ def config_from_fields(fields: dict) -> ModelConfig:
             dim=fields["llama.embedding_length"], n_layers=fields["llama.block_count"],
             n_heads=fields["llama.attention.head_count"],
             n_kv_heads=fields.get("llama.attention.head_count_kv", fields["llama.attention.head_count"]),
-            vocab_size=fields.get("llama.vocab_size", _length(fields.get("tokenizer.ggml.tokens"))),
+            vocab_size=_vocab_size(fields),
             ffn_dim=fields["llama.feed_forward_length"],
             norm_eps=fields.get("llama.attention.layer_norm_rms_epsilon", 1e-5),
             rope_theta=fields.get("llama.rope.freq_base", 10000.0),

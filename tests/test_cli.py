@@ -136,7 +136,7 @@ BAD = {
     "step after the end of the answer": (["run", QUESTION, "--step", "20", "--max-new-tokens", "30"],
                                          "generation stopped after 8 steps"),
     "missing model": (["run", "hi", "--model", "/no/such/model.gguf"], "model file not found"),
-    "directory as model": (["run", "hi", "--model", "/tmp"], "not a file"),
+    "directory as model": (["run", "hi", "--model", "/tmp"], "is a directory"),
     "not a GGUF file": (["run", "hi", "--model", "pyproject.toml"], "not a GGUF file"),
     "unsupported architecture": (["run", "hi", "--model", "{qwen}"], "unsupported architecture 'qwen2'"),
     "truncated GGUF": (["run", "hi", "--model", "{truncated}"], "cannot read GGUF file"),

@@ -38,6 +38,7 @@ def _load(args, err: Console):
 
 def _output_format(path: Path, force: bool, formats: tuple[str, ...] = FORMATS) -> str:
     """The file format a file name asks for; checked before any work is done."""
+    check_writable(path, force)
     fmt = path.suffix.lstrip(".").lower()
     if fmt not in formats:
         raise UserError(f"cannot tell the format of {path}: use a name ending in " +
@@ -146,9 +147,11 @@ def cmd_run(args, out: Console, err: Console) -> int:
         prompt_len = len(tokenize(model.tokenizer, args.prompt, chat))
         check_length(prompt_len, args.max_new_tokens, model.config.max_seq_len)
         size = estimate_bytes(model.config, prompt_len, args.max_new_tokens, capture, model.dtype)
+        over = (": over the budget, so values beyond it would keep statistics only"
+                if size > args.max_trace_mb * 2**20 else "")
         _say(out, f"capture {args.capture!r} would keep about {size / 2**20:.1f} MB of values for this "
                   f"{prompt_len}-token prompt and up to {args.max_new_tokens} new tokens "
-                  f"(budget {args.max_trace_mb} MB)", style="none")
+                  f"(budget {args.max_trace_mb} MB){over}", style="none")
         return 0
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     streamed: list[str] = []

@@ -24,6 +24,20 @@ def _folder(path: Path) -> Path:
 
 def check_writable(path: Path, force: bool) -> None:
     """Everything about writing `path` that can be known before the work that makes its content."""
+    try:
+        _check_writable(path, force)
+    except OSError as e:  # a name too long to look up, a folder we may not enter
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _check_writable(path: Path, force: bool) -> None:
+    folder = _folder(path)
+    try:
+        name_max = os.pathconf(folder if folder.is_dir() else ".", "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max = 255
+    if len(os.fsencode(path.name)) > name_max:
+        raise UserError(f"cannot write {path}: the file name is longer than the {name_max} bytes this folder allows")
     if not path.name or path.is_dir():
         raise UserError(f"{path} is a directory, not a file name")
     if os.path.lexists(path):
@@ -32,15 +46,8 @@ def check_writable(path: Path, force: bool) -> None:
             raise UserError(f"{path} exists already (add --force to overwrite it)")
         if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
             raise UserError(f"{path} is not a regular file (a device, a pipe or a socket): it is never replaced")
-    folder = _folder(path)
     if not folder.is_dir():
         raise UserError(f"cannot write {path}: folder {folder} does not exist")
-    try:
-        name_max = os.pathconf(folder, "PC_NAME_MAX")
-    except (OSError, ValueError, AttributeError):
-        name_max = 255
-    if len(os.fsencode(path.name)) > name_max:
-        raise UserError(f"cannot write {path}: the file name is longer than the {name_max} bytes this folder allows")
     try:  # a real probe: permissions, a read-only file system, a full inode table
         fd, probe = tempfile.mkstemp(dir=folder, prefix=PARTIAL_PREFIX, suffix=PARTIAL_SUFFIX)
         os.close(fd)
