@@ -5,7 +5,7 @@ from typing import Callable
 import torch
 
 from .config import TINY, ModelConfig
-from .embedded import embedded_model_path
+from .embedded import NAME as EMBEDDED_NAME, embedded_model_path
 from .errors import UserError
 from .generate import check_length, forward_step, generate
 from .gguf_model import read_gguf
@@ -24,6 +24,7 @@ def load_model(path: str | Path | None = None, device: str = "auto", dtype: str 
     weights dequantized to float32 and then cast to `dtype`."""
     torch_device = resolve_device(device)
     name, config, weights, tokenizer = read_gguf(Path(path) if path else embedded_model_path(), progress)
+    name = name if path else EMBEDDED_NAME
     return Model.build(name, config, weights, tokenizer, torch_device, DTYPES[dtype])
 
 

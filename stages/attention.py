@@ -94,8 +94,8 @@ def calculate_output(probs: torch.Tensor, values: torch.Tensor, wo: torch.Tensor
     """Stage 14. probs (H, T, P+T) · values (H, P+T, Dh) -> (H, T, Dh) -> (T, H·Dh) -> wo -> (T, D)."""
     record(14, "scores (softmax)", probs)
     record(14, "values (transposed)", values)
-    output = record(14, "output", torch.matmul(probs, values))  # (H, T, Dh)
-    merged = record(14, "output (transposed)", output.transpose(0, 1).flatten(1))  # (T, H, Dh) -> (T, H·Dh)
+    output = record(14, "head outputs", torch.matmul(probs, values))  # (H, T, Dh)
+    merged = record(14, "heads merged", output.transpose(0, 1).flatten(1))  # (T, H, Dh) -> (T, H·Dh)
     record(14, "wo", wo)
     return record(14, "attention output", F.linear(merged, wo))  # (T, D)
 

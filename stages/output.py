@@ -55,10 +55,11 @@ def next_token_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
 
 def forward_output(h: torch.Tensor, norm: torch.Tensor, output: torch.Tensor, eps: float,
                    sampling: Sampling, generator: torch.Generator | None) -> tuple[int, torch.Tensor]:
-    """Stage 19. h (T, D) -> final norm (T, D) -> last row · outputᵀ -> logits (V), float32 -> next id."""
-    record(19, "h", h)
+    """Stage 19. h (T, D), the last block's output (the trace calls it "out", as stage 18 does) -> final
+    norm (T, D) -> last row · outputᵀ -> logits (V), float32 -> next id."""
+    record(19, "out", h)
     record(19, "norm", norm)
-    normalized = record(19, "normalized h", rms_norm(h, norm, eps))
+    normalized = record(19, "normalized out", rms_norm(h, norm, eps))
     record(19, "output", output)
     logits = record(19, "logits", F.linear(normalized[-1], output).float())  # (V)
     if not torch.isfinite(logits).all():

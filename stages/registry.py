@@ -17,6 +17,10 @@ class TensorSpec:
     # of this stage, else the latest earlier stage's (for stage 7, stage 14's; "out" is the
     # block output of the layer before), else a memory block shared by all steps.
     view_of: str | None = None
+    # For an input: the stages that make it (stage 5's x: the embeddings, or the block before), and
+    # whether it is the residual stream arriving past the module in between (the skip arrows).
+    sources: tuple[int, ...] = ()
+    residual: bool = False
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class Stage:
     tensors: tuple[TensorSpec, ...]
     ops: tuple[Op, ...]
     main: str  # the tensor that pictures of this stage focus on
+    inner: range | None = None  # the stages this one shows as a single box (stage 7: the attention module)
 
     def spec(self, name: str) -> TensorSpec:
         for t in self.tensors:
@@ -47,6 +52,10 @@ class Stage:
 
 def _t(role: str, name: str, shape: str, view_of: str | None = None) -> TensorSpec:
     return TensorSpec(name, shape, role, view_of)
+
+
+def _in(name: str, shape: str, *sources: int, view_of: str | None = None, residual: bool = False) -> TensorSpec:
+    return TensorSpec(name, shape, "in", view_of, sources, residual)
 
 
 def _names(names: str | tuple[str, ...]) -> tuple[str, ...]:
@@ -66,38 +75,38 @@ STAGES: tuple[Stage, ...] = (
     Stage(2, "Creating tokens tensor", "tokens tensor", "run",
           "The ids go into one integer tensor sized for the whole run (prompt plus room for "
           "the new tokens); the free places hold the padding id until they are generated.",
-          (_t("in", "token ids", "(T0)"), _t("out", "tokens", "(S)")),
+          (_in("token ids", "(T0)", 1), _t("out", "tokens", "(S)")),
           (_op("copy in, pad to S", "token ids", "tokens"),), "tokens"),
     Stage(3, "Looping through sequence length", "sequence loop", "step",
           "The generation loop. Step 0 feeds the whole prompt at once (prefill, P = 0); every "
           "later step feeds only the token chosen by the step before (decode, P grows by 1).",
-          (_t("in", "tokens", "(S)"), _t("out", "tokens[P:P+T]", "(T)", "tokens")),
+          (_in("tokens", "(S)", 2), _t("out", "tokens[P:P+T]", "(T)", "tokens")),
           (_op("slice P:P+T", "tokens", "tokens[P:P+T]"),), "tokens[P:P+T]"),
     Stage(4, "Creating inputTensor", "input tensor", "step",
           "Embedding lookup: each id picks its row of the token-embedding matrix.",
-          (_t("in", "tokens[P:P+T]", "(T)"), _t("weight", "tok_embeddings", "(V, D)"),
+          (_in("tokens[P:P+T]", "(T)", 3), _t("weight", "tok_embeddings", "(V, D)"),
            _t("out", "x", "(T, D)")),
           (_op("look up rows", ("tokens[P:P+T]", "tok_embeddings"), "x"),), "x"),
     Stage(5, "Forward Pass Through Each Transformer Block", "block loop", "layer",
           "The L transformer blocks run one after the other; block i's output is block i+1's "
           "input.",
-          (_t("in", "x", "(T, D)", "out"),),
+          (_in("x", "(T, D)", 4, 18, view_of="out"),),
           (_op("through block 0, 1, ..., L-1", "x", ()),), "x"),
     Stage(6, "Forward Pass Through Attention Pre-normalization", "attention pre-norm", "layer",
           "RMSNorm: each row is divided by its root mean square (plus eps), then scaled "
           "element-wise by the learned attention_norm weight.",
-          (_t("in", "x", "(T, D)"), _t("weight", "attention_norm", "(D)"),
+          (_in("x", "(T, D)", 5), _t("weight", "attention_norm", "(D)"),
            _t("out", "normalized x", "(T, D)")),
           (_op("RMSNorm", ("x", "attention_norm"), "normalized x"),), "normalized x"),
     Stage(7, "Forward Pass Through Attention Module", "attention module", "layer",
           "Multi-head self-attention as one box: stages 8 to 14.",
-          (_t("in", "normalized x", "(T, D)"), _t("out", "attention output", "(T, D)", "attention output")),
-          (_op("stages 8 to 14", "normalized x", "attention output"),), "attention output"),
+          (_in("normalized x", "(T, D)", 6), _t("out", "attention output", "(T, D)", "attention output")),
+          (_op("stages 8 to 14", "normalized x", "attention output"),), "attention output", inner=range(8, 15)),
     Stage(8, "Forward Pass Through Attention Module - Calculating xq, xk, and xv", "xq, xk, xv",
           "layer",
           "Three linear maps (x · Wᵀ) give the queries, keys and values. With grouped-query "
           "attention the keys and values have fewer heads (Hkv) than the queries (H).",
-          (_t("in", "normalized x", "(T, D)"), _t("weight", "wq", "(H·Dh, D)"),
+          (_in("normalized x", "(T, D)", 6), _t("weight", "wq", "(H·Dh, D)"),
            _t("weight", "wk", "(Hkv·Dh, D)"), _t("weight", "wv", "(Hkv·Dh, D)"),
            _t("out", "xq", "(T, H·Dh)"), _t("out", "xk", "(T, Hkv·Dh)"),
            _t("out", "xv", "(T, Hkv·Dh)")),
@@ -105,7 +114,7 @@ STAGES: tuple[Stage, ...] = (
            _op("x · wvᵀ", ("normalized x", "wv"), "xv")), "xq"),
     Stage(9, "Forward Pass Through Attention Module - Do reshapings", "reshapes", "layer",
           "The last dimension is split into heads: no number changes, only the shape.",
-          (_t("in", "xq", "(T, H·Dh)"), _t("in", "xk", "(T, Hkv·Dh)"), _t("in", "xv", "(T, Hkv·Dh)"),
+          (_in("xq", "(T, H·Dh)", 8), _in("xk", "(T, Hkv·Dh)", 8), _in("xv", "(T, Hkv·Dh)", 8),
            _t("out", "xq (reshaped)", "(T, H, Dh)", "xq"), _t("out", "xk (reshaped)", "(T, Hkv, Dh)", "xk"),
            _t("out", "xv (reshaped)", "(T, Hkv, Dh)", "xv")),
           (_op("view as heads", "xq", "xq (reshaped)"), _op("view as heads", "xk", "xk (reshaped)"),
@@ -115,7 +124,7 @@ STAGES: tuple[Stage, ...] = (
           "(x[2i], x[2i+1]) of every query and key head is read as a complex number and "
           "multiplied by freqs_cis = exp(j·pos·θ_i), i.e. rotated by the angle pos·θ_i. "
           "Values are not rotated.",
-          (_t("in", "xq (reshaped)", "(T, H, Dh)"), _t("in", "xk (reshaped)", "(T, Hkv, Dh)"),
+          (_in("xq (reshaped)", "(T, H, Dh)", 9), _in("xk (reshaped)", "(T, Hkv, Dh)", 9),
            _t("aux", "freqs_cis", "(T, Dh/2)", "the table of every position"),
            _t("mid", "xq (pairs)", "(T, H, Dh/2, 2)", "xq (reshaped)"),
            _t("mid", "xq (complex)", "(T, H, Dh/2)", "xq (pairs)"),
@@ -130,7 +139,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(11, "Forward Pass Through Attention Module - Update KV cache", "KV cache", "layer",
           "The rotated keys and the values of the new positions P..P+T-1 are written into "
           "this layer's cache; the cache now holds every position seen so far.",
-          (_t("in", "xk (rotated)", "(T, Hkv, Dh)"), _t("in", "xv (reshaped)", "(T, Hkv, Dh)"),
+          (_in("xk (rotated)", "(T, Hkv, Dh)", 10), _in("xv (reshaped)", "(T, Hkv, Dh)", 9),
            _t("out", "cache_k", "(P+T, Hkv, Dh)", "the cache (S, Hkv, Dh)"),
            _t("out", "cache_v", "(P+T, Hkv, Dh)", "the cache (S, Hkv, Dh)")),
           (_op("write rows P..P+T-1", "xk (rotated)", "cache_k"),
@@ -139,22 +148,22 @@ STAGES: tuple[Stage, ...] = (
           "Keys and values of all cached positions are read back; each KV head is repeated "
           "H/Hkv times so every query head has its own copy (grouped-query attention); then "
           "the head dimension is moved to the front.",
-          (_t("in", "xq (rotated)", "(T, H, Dh)"), _t("in", "keys", "(P+T, Hkv, Dh)", "cache_k"),
-           _t("in", "values", "(P+T, Hkv, Dh)", "cache_v"),
+          (_in("xq (rotated)", "(T, H, Dh)", 10), _in("keys", "(P+T, Hkv, Dh)", 11, view_of="cache_k"),
+           _in("values", "(P+T, Hkv, Dh)", 11, view_of="cache_v"),
            _t("mid", "keys (repeated)", "(P+T, H, Dh)"), _t("mid", "values (repeated)", "(P+T, H, Dh)"),
            _t("out", "xq (transposed)", "(H, T, Dh)", "xq (rotated)"),
            _t("out", "keys (transposed)", "(H, P+T, Dh)", "keys (repeated)"),
            _t("out", "values (transposed)", "(H, P+T, Dh)", "values (repeated)")),
-          (_op("repeat each KV head H/Hkv times", "keys", "keys (repeated)"),
-           _op("repeat each KV head H/Hkv times", "values", "values (repeated)"),
-           _op("transpose(0, 1)", "xq (rotated)", "xq (transposed)"),
+          (_op("transpose(0, 1)", "xq (rotated)", "xq (transposed)"),
+           _op("repeat each KV head H/Hkv times", "keys", "keys (repeated)"),
            _op("transpose(0, 1)", "keys (repeated)", "keys (transposed)"),
+           _op("repeat each KV head H/Hkv times", "values", "values (repeated)"),
            _op("transpose(0, 1)", "values (repeated)", "values (transposed)")), "keys (transposed)"),
     Stage(13, "Forward Pass Through Attention Module - Calculate scores", "scores", "layer",
           "Every query is compared with every cached key: xq · keysᵀ / sqrt(Dh), plus the causal "
           "mask (0 where allowed, -inf for future positions; not needed when T = 1), then a "
           "softmax over the keys, in float32.",
-          (_t("in", "xq (transposed)", "(H, T, Dh)"), _t("in", "keys (transposed)", "(H, P+T, Dh)"),
+          (_in("xq (transposed)", "(H, T, Dh)", 12), _in("keys (transposed)", "(H, P+T, Dh)", 12),
            _t("aux", "mask", "(T, P+T)"), _t("mid", "scores", "(H, T, P+T)"),
            _t("out", "scores (softmax)", "(H, T, P+T)")),
           (_op("xq · keysᵀ / √Dh + mask", ("xq (transposed)", "keys (transposed)", "mask"), "scores"),
@@ -162,24 +171,24 @@ STAGES: tuple[Stage, ...] = (
     Stage(14, "Forward Pass Through Attention Module - Calculate output", "attention output", "layer",
           "The softmax weights mix the values; the heads are put side by side again and the "
           "linear map wo brings them back to the model dimension.",
-          (_t("in", "scores (softmax)", "(H, T, P+T)"), _t("in", "values (transposed)", "(H, P+T, Dh)"),
-           _t("mid", "output", "(H, T, Dh)"), _t("mid", "output (transposed)", "(T, H·Dh)"),
+          (_in("scores (softmax)", "(H, T, P+T)", 13), _in("values (transposed)", "(H, P+T, Dh)", 12),
+           _t("mid", "head outputs", "(H, T, Dh)"), _t("mid", "heads merged", "(T, H·Dh)"),
            _t("weight", "wo", "(D, H·Dh)"), _t("out", "attention output", "(T, D)")),
-          (_op("softmax · values", ("scores (softmax)", "values (transposed)"), "output"),
-           _op("transpose, merge heads", "output", "output (transposed)"),
-           _op("· woᵀ", ("output (transposed)", "wo"), "attention output")), "attention output"),
+          (_op("softmax · values", ("scores (softmax)", "values (transposed)"), "head outputs"),
+           _op("transpose, merge heads", "head outputs", "heads merged"),
+           _op("· woᵀ", ("heads merged", "wo"), "attention output")), "attention output"),
     Stage(15, "Add attention module output and current tensor", "residual (attention)", "layer",
           "Residual connection: the attention output is added to the block's input.",
-          (_t("in", "x", "(T, D)"), _t("in", "attention output", "(T, D)"), _t("out", "h", "(T, D)")),
+          (_in("x", "(T, D)", 5, residual=True), _in("attention output", "(T, D)", 14), _t("out", "h", "(T, D)")),
           (_op("add", ("x", "attention output"), "h"),), "h"),
     Stage(16, "Forward Pass Through Feed-Forward Pre-normalization", "FFN pre-norm", "layer",
           "RMSNorm again, with the ffn_norm weight.",
-          (_t("in", "h", "(T, D)"), _t("weight", "ffn_norm", "(D)"), _t("out", "normalized h", "(T, D)")),
+          (_in("h", "(T, D)", 15), _t("weight", "ffn_norm", "(D)"), _t("out", "normalized h", "(T, D)")),
           (_op("RMSNorm", ("h", "ffn_norm"), "normalized h"),), "normalized h"),
     Stage(17, "Forward Pass Through Feed-Forward Module", "FFN (SwiGLU)", "layer",
           "SwiGLU: the gate silu(h · w1ᵀ) multiplies the up projection h · w3ᵀ element-wise, "
           "and w2 maps the product back to the model dimension.",
-          (_t("in", "normalized h", "(T, D)"), _t("weight", "w1", "(F, D)"), _t("weight", "w3", "(F, D)"),
+          (_in("normalized h", "(T, D)", 16), _t("weight", "w1", "(F, D)"), _t("weight", "w3", "(F, D)"),
            _t("mid", "gate", "(T, F)"), _t("mid", "up", "(T, F)"), _t("mid", "gate * up", "(T, F)"),
            _t("weight", "w2", "(D, F)"), _t("out", "ffn output", "(T, D)")),
           (_op("silu(h · w1ᵀ)", ("normalized h", "w1"), "gate"), _op("h · w3ᵀ", ("normalized h", "w3"), "up"),
@@ -188,17 +197,17 @@ STAGES: tuple[Stage, ...] = (
     Stage(18, "Add Feed-Forward module output and current tensor", "residual (FFN)", "layer",
           "Residual connection: the FFN output is added to h. The result is the block's output "
           "and the next block's input.",
-          (_t("in", "h", "(T, D)"), _t("in", "ffn output", "(T, D)"), _t("out", "out", "(T, D)")),
+          (_in("h", "(T, D)", 15, residual=True), _in("ffn output", "(T, D)", 17), _t("out", "out", "(T, D)")),
           (_op("add", ("h", "ffn output"), "out"),), "out"),
     Stage(19, "Forward Pass Through Output of The Transformer", "output head", "step",
           "The last block's output goes through a final RMSNorm; the last row (the newest "
           "position) is mapped onto the vocabulary, in float32, and the next token is picked: "
           "the highest logit (greedy), or a sample after temperature / top-k / top-p.",
-          (_t("in", "h", "(T, D)", "out"), _t("weight", "norm", "(D)"), _t("mid", "normalized h", "(T, D)"),
+          (_in("out", "(T, D)", 18, view_of="out"), _t("weight", "norm", "(D)"), _t("mid", "normalized out", "(T, D)"),
            _t("weight", "output", "(V, D)"), _t("out", "logits", "(V)"),
            _t("out", "probs", "(V)"), _t("out", "next token", "()")),
-          (_op("RMSNorm", ("h", "norm"), "normalized h"),
-           _op("last row · outputᵀ, float32", ("normalized h", "output"), "logits"),
+          (_op("RMSNorm", ("out", "norm"), "normalized out"),
+           _op("last row · outputᵀ, float32", ("normalized out", "output"), "logits"),
            _op("softmax (temperature, top-k, top-p)", "logits", "probs"),
            _op("argmax, or sample", "probs", "next token")), "probs"),
 )
@@ -219,3 +228,11 @@ NOTATION = (
 
 def stage(number: int) -> Stage:
     return STAGES[number - 1]
+
+
+def readers(number: int, name: str) -> tuple[tuple[Stage, TensorSpec], ...]:
+    """Where tensor `name` of stage `number` goes: the inputs of later stages that it becomes
+    (a stage drawn as one box hands on what its last inner stage makes)."""
+    inner = stage(number).inner
+    maker = inner[-1] if inner else number
+    return tuple((s, t) for s in STAGES for t in s.tensors if maker in t.sources and name in (t.name, t.view_of))

@@ -205,4 +205,4 @@ def test_bfloat16_run_keeps_softmax_and_logits_in_float32():
     data = json.loads(result.stdout)
     assert data["model"]["dtype"] == "bfloat16" and data["text"].startswith("The capital of France")
     dtypes = {t["name"]: t["dtype"] for t in data["stages"][0]["tensors"]}
-    assert dtypes["h"] == "bfloat16" and dtypes["logits"] == "float32" and dtypes["probs"] == "float32"
+    assert dtypes["out"] == "bfloat16" and dtypes["logits"] == "float32" and dtypes["probs"] == "float32"

@@ -20,12 +20,12 @@ PINNED = [
     (12, "xq (rotated)"), (12, "keys"), (12, "values"), (12, "keys (repeated)"), (12, "values (repeated)"),
     (12, "xq (transposed)"), (12, "keys (transposed)"), (12, "values (transposed)"),
     (13, "xq (transposed)"), (13, "keys (transposed)"), (13, "mask"), (13, "scores"), (13, "scores (softmax)"),
-    (14, "scores (softmax)"), (14, "values (transposed)"), (14, "output"), (14, "output (transposed)"),
+    (14, "scores (softmax)"), (14, "values (transposed)"), (14, "head outputs"), (14, "heads merged"),
     (14, "wo"), (14, "attention output"), (7, "attention output"),
     (15, "x"), (15, "attention output"), (15, "h"), (16, "h"), (16, "ffn_norm"), (16, "normalized h"),
     (17, "normalized h"), (17, "w1"), (17, "w3"), (17, "gate"), (17, "up"), (17, "gate * up"), (17, "w2"),
     (17, "ffn output"), (18, "h"), (18, "ffn output"), (18, "out"),
-    (19, "h"), (19, "norm"), (19, "normalized h"), (19, "output"), (19, "logits"), (19, "probs"),
+    (19, "out"), (19, "norm"), (19, "normalized out"), (19, "output"), (19, "logits"), (19, "probs"),
     (19, "next token"),
 ]
 

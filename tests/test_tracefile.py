@@ -12,6 +12,7 @@ from trace.budget import estimate_bytes
 from trace.recorder import Ranges, Rule
 from trace.tracefile import load_trace, save_trace
 
+from .craft import read_manifest, write_manifest
 from .test_cli import QUESTION, cli
 
 
@@ -54,6 +55,22 @@ def test_round_trip_keeps_every_record(tiny, tmp_path):
         torch.testing.assert_close(a.values, b.values, rtol=0, atol=0)
     assert (loaded.prompt_ids, loaded.new_ids, loaded.text, loaded.config) == \
         (trace.prompt_ids, trace.new_ids, trace.text, trace.config)
+
+
+def test_a_version_2_file_opens_with_todays_tensor_names(tiny, tmp_path):
+    """Version 2 called stage 14's per-head output "output" and stage 19's input "h": such a file still opens,
+    its records under the names the registry uses now."""
+    model, _ = tiny
+    trace = traced_run(model, "the cat", chat=False, max_new_tokens=2, capture=Capture.everything())
+    header, manifest, data = read_manifest(save_trace(trace, tmp_path / "t.trace", force=False))
+    old_names = {("14", "head outputs"): "output", ("14", "heads merged"): "output (transposed)",
+                 ("19", "out"): "h", ("19", "normalized out"): "normalized h"}
+    manifest["version"] = 2
+    for entry in manifest["records"]:
+        entry["name"] = old_names.get((str(entry["stage"]), entry["name"]), entry["name"])
+    loaded = load_trace(write_manifest(tmp_path / "v2.trace", header, manifest, data))
+    assert [(r.stage, r.name) for r in loaded.records] == [(r.stage, r.name) for r in trace.records]
+    torch.testing.assert_close(loaded.values(19, "out", step=1), trace.values(19, "out", step=1), rtol=0, atol=0)
 
 
 def test_views_are_stored_once(tiny, tmp_path):

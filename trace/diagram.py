@@ -12,7 +12,7 @@ from html import escape
 import graphviz
 
 from stages import UserError
-from stages.registry import STAGES, Stage, TensorSpec, stage as stage_info
+from stages.registry import STAGES, Stage, TensorSpec, readers, stage as stage_info
 
 from .recorder import TensorRecord
 from .run import Trace
@@ -21,11 +21,14 @@ FONT = "Helvetica"
 TENSOR_FILL = {"in": "#1b7a3a", "mid": "#1b7a3a", "out": "#1b7a3a", "weight": "#6a3d9a", "aux": "#00737a"}
 OP_FILL = "#1e88e5"
 ELSEWHERE_FILL = "#d8b4bc"  # the "..." boxes for the stages before and after
-HERE_FILL = "#fde8ea"
-FRAME_FILL = ("#eceff1", "#cfd8dc", "#dfe8df")
-# With the flow going up (rankdir=BT) graphviz flips cluster labels: "b" puts them on top.
-FRAME_LABEL_ON_TOP = {"labelloc": "b", "labeljust": "l"}
-MODULES = {range(8, 15): "Multi-Head Self-Attention Module", range(17, 18): "Feed-Forward Module"}
+HERE_FILL = "#fff7f8"
+# Grey, darker than the "You are here" band, so that the eye finds the stage first (as in the originals).
+FRAME_FILL = ("#b0bec5", "#c5ced3", "#d5dcd5")
+DIMMED = {"fillcolor": "#eceff1", "fontcolor": "#90a4ae", "color": "#cfd8dc"}  # the rest of the model
+FLOW = {"color": "#455a64"}
+RESIDUAL = {"color": "#d32f2f", "penwidth": "2.2"}  # the skip arrows of the residual stream, red as in the originals
+FRAME_LABEL_ON_TOP = {"labelloc": "t", "labeljust": "l"}
+MODULES = {stage_info(7).inner: "Multi-Head Self-Attention Module", range(17, 18): "Feed-Forward Module"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class Context:
     layer: int
     records: list[TensorRecord] | None = None
     where: str = ""  # e.g. "step 0 (prompt: P=0, T=37)"
+    here: int | None = None  # the stage the complete-model drawing lights up
 
     def record(self, stage: int, name: str) -> TensorRecord | None:
         return next((r for r in self.records or () if r.stage == stage and r.name == name), None)
@@ -62,8 +66,15 @@ def tensor_label(spec: TensorSpec, record: TensorRecord | None, fill: str) -> st
             f'<td align="right">{_white(concrete)}</td></tr></table>>')
 
 
+def _up(g: graphviz.Digraph, tail: str, head: str, **attrs) -> None:
+    """An arrow from `tail` up to `head`."""
+    g.edge(head, tail, dir="back", **attrs)
+
+
 def _new_graph(title: str, subtitle: str) -> graphviz.Digraph:
-    g = graphviz.Digraph(graph_attr={"rankdir": "BT", "fontname": FONT, "labelloc": "t", "labeljust": "l",
+    # The flow goes up, but graphviz is asked for a top-down layout with every edge drawn backwards
+    # (see _up): only that way does it keep side-by-side tensors in order (xq | xk | xv).
+    g = graphviz.Digraph(graph_attr={"rankdir": "TB", "ordering": "in", "fontname": FONT, "labelloc": "t", "labeljust": "l",
                                      "label": f"{title}\n{subtitle}", "fontsize": "18", "nodesep": "0.35",
                                      "ranksep": "0.35", "bgcolor": "white"},
                          node_attr={"fontname": FONT, "fontsize": "11", "shape": "box", "style": "rounded,filled",
@@ -86,57 +97,91 @@ def _node_id(name: str) -> str:
     return "t_" + "".join(c if c.isalnum() else "_" for c in name)
 
 
-def _draw_stage_body(g: graphviz.Digraph, stage: Stage, ctx: Context) -> tuple[list[str], list[str]]:
-    """Tensors and operations of one stage; returns the ids that the stages before and after connect to."""
-    present = {t.name for t in stage.tensors if ctx.records is None or ctx.record(stage.number, t.name)}
-    for spec in stage.tensors:
-        if spec.name in present:
-            g.node(_node_id(spec.name), tensor_label(spec, ctx.record(stage.number, spec.name),
-                                                     TENSOR_FILL[spec.role]), shape="plain", style="")
-    produced = set()
+def _present(stage: Stage, ctx: Context) -> list[TensorSpec]:
+    """The stage's tensors that the drawing shows: all of them, or those the run recorded."""
+    return [t for t in stage.tensors if ctx.records is None or ctx.record(stage.number, t.name)]
+
+
+def _keep_in_order(g: graphviz.Digraph, anchor: str, nodes: list[str], below: bool) -> None:
+    """Side by side in this order: an invisible node below (or above) them all, whose arrows
+    graphviz keeps in the order they are made."""
+    g.node(anchor, "", style="invis", width="0", height="0", ordering="in" if below else "out")
+    for node in nodes:
+        if below:
+            _up(g, anchor, node, style="invis")
+        else:
+            _up(g, node, anchor, style="invis")
+
+
+def _draw_stage_body(g: graphviz.Digraph, stage: Stage, ctx: Context, present: list[TensorSpec]) -> None:
+    names = {t.name for t in present}
+    for spec in present:
+        g.node(_node_id(spec.name), tensor_label(spec, ctx.record(stage.number, spec.name), TENSOR_FILL[spec.role]),
+               shape="plain", style="")
+    _keep_in_order(g, "inputs", [_node_id(t.name) for t in present if t.role == "in"], below=True)
     for i, op in enumerate(stage.ops):
-        op_id = f"op{i}"
-        g.node(op_id, op.label, fillcolor=OP_FILL, fontcolor="white", style="rounded,filled")
+        g.node(f"op{i}", op.label, fillcolor=OP_FILL, fontcolor="white", style="rounded,filled")
         for name in op.inputs:
-            if name in present:
-                g.edge(_node_id(name), op_id)
+            if name in names:
+                _up(g, _node_id(name), f"op{i}")
         for name in op.outputs:
-            if name in present:
-                g.edge(op_id, _node_id(name))
-                produced.add(name)
-        if not op.outputs:
-            produced.add(op_id)
-    sources = [_node_id(t.name) for t in stage.tensors
-               if t.name in present and t.role in ("in", "mid", "out") and t.name not in produced]
-    if not any(op.inputs for op in stage.ops):
-        sources = [f"op{i}" for i, op in enumerate(stage.ops) if not op.inputs]
-    sinks = [_node_id(t.name) for t in stage.tensors if t.role == "out" and t.name in present]
-    sinks += [f"op{i}" for i, op in enumerate(stage.ops) if not op.outputs]
-    return sources, sinks
+            if name in names:
+                _up(g, f"op{i}", _node_id(name))
+
+
+def _source_label(source: int, number: int) -> str:
+    later = " of the block before" if source > number else ""  # the loop over blocks comes back
+    return f"... stage {source}: {stage_info(source).short}{later}"
+
+
+def _draw_data_flow(g: graphviz.Digraph, stage: Stage, present: list[TensorSpec]) -> None:
+    """Each input from the stage that makes it, each tensor to the stages that read it: the
+    residual stream's skips in red."""
+    boxes = set()
+    sources = [source for spec in present for source in spec.sources]
+    _keep_in_order(g, "sources", [f"from{n}" for n in dict.fromkeys(sources)], below=True)
+    targets = [reader.number for spec in present for reader, _ in readers(stage.number, spec.name)]
+    _keep_in_order(g, "readers", [f"to{n}" for n in dict.fromkeys(targets)], below=False)
+    for spec in present:
+        for source in spec.sources:
+            if source not in boxes:
+                boxes.add(source)
+                g.node(f"from{source}", _source_label(source, stage.number), fillcolor=ELSEWHERE_FILL)
+            # Two ranks down: below the invisible node that orders the inputs, outside "You are here".
+            _up(g, f"from{source}", _node_id(spec.name), minlen="2", **(RESIDUAL if spec.residual else FLOW))
+        for reader, reader_spec in readers(stage.number, spec.name):
+            if -reader.number not in boxes:
+                boxes.add(-reader.number)
+                g.node(f"to{reader.number}", f"stage {reader.number}: {reader.short} ...", fillcolor=ELSEWHERE_FILL)
+            _up(g, _node_id(spec.name), f"to{reader.number}", **(RESIDUAL if reader_spec.residual else FLOW))
+
+
+def _legend(g: graphviz.Digraph) -> None:
+    """What the colours mean, as one small box beside the drawing."""
+    keys = [("tensor", TENSOR_FILL["out"]), ("weight", TENSOR_FILL["weight"]),
+            ("made for this step", TENSOR_FILL["aux"]), ("operation", OP_FILL)]
+    rows = "".join(f'<tr><td bgcolor="{fill}">{_white(text)}</td></tr>' for text, fill in keys)
+    rows += f'<tr><td bgcolor="{ELSEWHERE_FILL}">another stage</td></tr>'
+    rows += f'<tr><td><font color="{RESIDUAL["color"]}"><b>⟶ residual stream (skip)</b></font></td></tr>'
+    g.node("legend", f'<<table border="1" color="#b0bec5" cellborder="0" cellspacing="2" cellpadding="3" '
+                     f'bgcolor="white"><tr><td><b>Legend</b></td></tr>{rows}</table>>',
+           shape="plain", style="", fontsize="9")
 
 
 def stage_diagram(number: int, ctx: Context) -> graphviz.Digraph:
-    """One stage, inside its frames, between "..." boxes for the stages around it."""
+    """One stage, inside its frames, with "..." boxes for the stages its tensors come from and go to."""
     stage = stage_info(number)
     g = _new_graph(f"Stage {stage.number}: {stage.title}", ctx.where or "symbolic shapes (no run)")
     frames = _frames(stage, ctx)
+    present = _present(stage, ctx)
 
     def nest(parent: graphviz.Digraph, depth: int):
         if depth == len(frames):
+            _draw_data_flow(parent, stage, present)
             with parent.subgraph(name="cluster_here") as here:
                 here.attr(label="You are here", style="filled,dashed", fillcolor=HERE_FILL, color="#37474f",
                           fontcolor="#c62828", fontsize="14", penwidth="2", **FRAME_LABEL_ON_TOP)
-                sources, sinks = _draw_stage_body(here, stage, ctx)
-            if number > 1:
-                parent.node("before", f"... stage {number - 1}: {stage_info(number - 1).short}",
-                            fillcolor=ELSEWHERE_FILL)
-                for s in sources:
-                    parent.edge("before", s)
-            if number < len(STAGES):
-                parent.node("after", f"stage {number + 1}: {stage_info(number + 1).short} ...",
-                            fillcolor=ELSEWHERE_FILL)
-                for s in sinks:
-                    parent.edge(s, "after")
+                _draw_stage_body(here, stage, ctx, present)
             return
         with parent.subgraph(name=f"cluster_frame{depth}") as frame:
             frame.attr(label=frames[depth], style="filled", fillcolor=FRAME_FILL[depth % len(FRAME_FILL)],
@@ -144,58 +189,82 @@ def stage_diagram(number: int, ctx: Context) -> graphviz.Digraph:
             nest(frame, depth + 1)
 
     nest(g, 0)
+    _legend(g)
     return g
 
 
-def _stage_box(stage: Stage, ctx: Context) -> str:
-    rows = [f'<tr><td colspan="2" bgcolor="{OP_FILL}">{_white(f"{stage.number}. {stage.title}", bold=True)}</td></tr>']
+def _stage_box(stage: Stage, ctx: Context, dimmed: bool) -> str:
+    title_fill, tensor_fill = ("#cfd8dc", "#e0e6e9") if dimmed else (OP_FILL, TENSOR_FILL["out"])
+    text = (lambda t, bold=False: f'<font color="#90a4ae">{escape(t) or " "}</font>') if dimmed else _white
+    rows = [f'<tr><td colspan="2" bgcolor="{title_fill}">{text(f"{stage.number}. {stage.title}", bold=True)}</td></tr>']
     for spec in stage.tensors:
         record = ctx.record(stage.number, spec.name)
         if spec.role != "out" or (ctx.records is not None and record is None):
             continue
         concrete = f"{record.dtype} {_shape(record.shape)}" if record else ""
-        rows.append(f'<tr><td align="left" bgcolor="{TENSOR_FILL["out"]}">{_white(f"{spec.name} {spec.shape}")}</td>'
-                    f'<td align="right" bgcolor="{TENSOR_FILL["out"]}">{_white(concrete)}</td></tr>')
-    return f'<<table border="0" cellborder="0" cellspacing="1" cellpadding="3">{"".join(rows)}</table>>'
+        rows.append(f'<tr><td align="left" bgcolor="{tensor_fill}">{text(f"{spec.name} {spec.shape}")}</td>'
+                    f'<td align="right" bgcolor="{tensor_fill}">{text(concrete)}</td></tr>')
+    border = ' border="3" color="#c62828"' if not dimmed and ctx.here else ' border="0"'
+    return f'<<table{border} cellborder="0" cellspacing="1" cellpadding="3">{"".join(rows)}</table>>'
+
+
+def _model_edges(g: graphviz.Digraph) -> None:
+    """Every tensor from the stage that makes it to the stages that read it (the registry's data
+    flow): the residual stream's skips in red, the loops dashed."""
+    for stage in STAGES:
+        flows = {}
+        for spec in stage.tensors:
+            for reader, reader_spec in readers(stage.number, spec.name):
+                flows[reader.number] = flows.get(reader.number, False) or reader_spec.residual
+        for number, residual in flows.items():
+            attrs = dict(RESIDUAL if residual else FLOW)
+            if number < stage.number:  # back to the top of the block loop: the stream into the next block
+                attrs.update(style="dashed", label="next block", constraint="false", **RESIDUAL)
+            _up(g, f"s{stage.number}", f"s{number}", **attrs)
+    _up(g, "s19", "s3", label="next token", style="dashed", constraint="false")
 
 
 def model_diagram(ctx: Context) -> graphviz.Digraph:
-    """The complete model: the 19 stages in their frames, with the two loops."""
+    """The complete model: the 19 stages in their frames, the data flowing between them, the two
+    loops; with `ctx.here`, the rest of the model dimmed around that stage."""
     g = _new_graph("The complete model: 19 stages", ctx.where or "symbolic shapes (no run)")
     g.attr("node", shape="plain", style="")
+
+    def boxes(frame: graphviz.Digraph, numbers) -> None:
+        for n in numbers:
+            frame.node(f"s{n}", _stage_box(stage_info(n), ctx, dimmed=ctx.here not in (None, n)))
+
     with g.subgraph(name="cluster_engine") as engine:
         engine.attr(label="Inference engine", style="filled", fillcolor=FRAME_FILL[0], color="#78909c",
                     fontsize="14", **FRAME_LABEL_ON_TOP)
-        for n in (1, 2, 3):
-            engine.node(f"s{n}", _stage_box(stage_info(n), ctx))
+        boxes(engine, (1, 2, 3))
         with engine.subgraph(name="cluster_model") as model:
             model.attr(label=f"Transformer Model: {ctx.model_name}", fillcolor=FRAME_FILL[1])
-            for n in (4, 19):
-                model.node(f"s{n}", _stage_box(stage_info(n), ctx))
+            boxes(model, (4, 19))
             with model.subgraph(name="cluster_block") as block:
                 block.attr(label=f"Transformer Block (Layer {ctx.layer}; L blocks in all)", fillcolor=FRAME_FILL[2])
-                for n in (5, 6, 15, 16, 18):
-                    block.node(f"s{n}", _stage_box(stage_info(n), ctx))
+                boxes(block, (5, 6, 15, 16, 18))
                 with block.subgraph(name="cluster_attention") as attention:
-                    attention.attr(label=MODULES[range(8, 15)], fillcolor=FRAME_FILL[0])
-                    for n in range(7, 15):
-                        attention.node(f"s{n}", _stage_box(stage_info(n), ctx))
+                    attention.attr(label=MODULES[stage_info(7).inner], fillcolor=FRAME_FILL[0])
+                    boxes(attention, range(7, 15))
                 with block.subgraph(name="cluster_ffn") as ffn:
                     ffn.attr(label=MODULES[range(17, 18)], fillcolor=FRAME_FILL[0])
-                    ffn.node("s17", _stage_box(stage_info(17), ctx))
-    for n in range(1, 19):
-        g.edge(f"s{n}", f"s{n + 1}")
-    g.edge("s18", "s5", label="next block", style="dashed", constraint="false")
-    g.edge("s19", "s3", label="next token", style="dashed", constraint="false")
+                    boxes(ffn, (17,))
+    _model_edges(g)
+    _legend(g)
     return g
 
 
-def drawing(number: int | None, trace: Trace | None, step: int = 0, layer: int = 0) -> graphviz.Digraph:
-    """Stage `number`, or the complete model when None; with a trace's dtypes and shapes when given."""
+def drawing(number: int | None, trace: Trace | None, step: int = 0, layer: int = 0,
+            here: int | None = None) -> graphviz.Digraph:
+    """Stage `number`, or the complete model when None (with stage `here` lit and the rest dimmed,
+    when given); with a trace's dtypes and shapes when given."""
+    if here is not None and not 1 <= here <= len(STAGES):
+        raise UserError(f"there is no stage {here}: stages are numbered 1-{len(STAGES)}")
     if trace is None:
-        ctx = Context("any LLaMA model", layer)
+        ctx = Context("any LLaMA model", layer, here=here)
     else:
-        ctx = Context(trace.model_name, layer, trace.select(step, layer), trace.describe(step, layer))
+        ctx = Context(trace.model_name, layer, trace.select(step, layer), trace.describe(step, layer), here)
     return model_diagram(ctx) if number is None else stage_diagram(number, ctx)
 
 

@@ -26,8 +26,11 @@ from .manifest import MANIFEST, check, check_placement
 from .recorder import STAT_NAMES, Capture, Ranges, Rule, TensorRecord, dtype_name
 from .run import Trace
 
-FORMAT, FORMAT_VERSION = "llama-trace", 2  # version 1 held capture rules as lists of numbers
-READS = (1, 2)
+FORMAT, FORMAT_VERSION = "llama-trace", 3
+# Tensors that versions 1 and 2 called by names now used for other tensors (or by none).
+RENAMED_IN_V3 = {(14, "output"): "head outputs", (14, "output (transposed)"): "heads merged",
+                 (19, "h"): "out", (19, "normalized h"): "normalized out"}
+READS = (1, 2, 3)
 STORED = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool, "C64": torch.complex64}
@@ -145,7 +148,7 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             raise UserError(f"{path}: its trace manifest is damaged (not a JSON object)")
         if manifest.get("format") != FORMAT or manifest.get("version") not in READS:
             raise UserError(f"{path}: unsupported trace format {manifest.get('format')!r} "
-                            f"version {manifest.get('version')!r} (this tool reads versions 1 and 2)")
+                            f"version {manifest.get('version')!r} (this tool reads versions 1 to 3)")
         return manifest, _read_blocks(f, header, 8 + header_len, size, damaged)
 
 
@@ -216,6 +219,9 @@ def load_trace(path: Path) -> Trace:
     if manifest["version"] == 1:
         _v1_rules(manifest)
     check(manifest, MANIFEST)
+    if manifest["version"] < 3:
+        for entry in manifest["records"]:
+            entry["name"] = RENAMED_IN_V3.get((entry["stage"], entry["name"]), entry["name"])
     model = manifest["model"]
     try:
         config = ModelConfig(**model["config"])

@@ -16,6 +16,7 @@ import torch
 from tokenizers import pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers import modeling_gguf_pytorch_utils as gguf_utils
+from transformers.models.llama import modeling_llama
 from transformers.utils import logging as hf_logging
 
 import stages
@@ -141,6 +142,8 @@ def hf_stage_tensors(hf: LlamaForCausalLM, ids: list[int]) -> dict[tuple[int, st
         keep(layer.self_attn.k_proj, (8, "xk", i), layout="heads")
         keep(layer.self_attn.v_proj, (8, "xv", i))
         keep(layer.self_attn, (7, "attention output", i))
+        keep(layer.self_attn.o_proj, (14, "heads merged", i), use_input=True)
+        keep(layer.self_attn.o_proj, (14, "attention output", i))
         keep(layer.post_attention_layernorm, (15, "h", i), use_input=True)
         keep(layer.post_attention_layernorm, (16, "normalized h", i))
         keep(layer.mlp.act_fn, (17, "gate", i))
@@ -148,9 +151,22 @@ def hf_stage_tensors(hf: LlamaForCausalLM, ids: list[int]) -> dict[tuple[int, st
         keep(layer.mlp.down_proj, (17, "gate * up", i), use_input=True)
         keep(layer.mlp, (17, "ffn output", i))
         keep(layer, (18, "out", i))
-    keep(hf.model.norm, (19, "normalized h", None))
+    keep(hf.model.norm, (19, "normalized out", None))
+    def attention(module, query, key, value, *args, **kwargs):
+        """transformers' own attention, seen from inside: the rotated queries and keys, the keys
+        and values repeated for every query head, and the heads' outputs."""
+        i, T = module.layer_idx, query.shape[2]
+        found[(10, "xq (rotated)", i)] = to_interleaved(query[0].transpose(0, 1), head_dim)  # (H, T, Dh) -> (T, H, Dh)
+        found[(10, "xk (rotated)", i)] = to_interleaved(key[0, :, -T:].transpose(0, 1), head_dim)  # (T, Hkv, Dh)
+        found[(12, "keys (transposed)", i)] = to_interleaved(repeat_kv(key, module.num_key_value_groups)[0], head_dim)
+        found[(12, "values (transposed)", i)] = repeat_kv(value, module.num_key_value_groups)[0]  # (H, S, Dh)
+        output, weights = eager_attention(module, query, key, value, *args, **kwargs)
+        found[(14, "head outputs", i)] = output[0].transpose(0, 1)  # (T, H, Dh) -> (H, T, Dh)
+        return output, weights
+
+    eager_attention, repeat_kv = modeling_llama.eager_attention_forward, modeling_llama.repeat_kv
     try:
-        with torch.no_grad():
+        with torch.no_grad(), patch.object(modeling_llama, "eager_attention_forward", attention):
             out = hf(torch.tensor([ids]), output_attentions=True, use_cache=True)
     finally:
         for h in hooks:
@@ -160,6 +176,8 @@ def hf_stage_tensors(hf: LlamaForCausalLM, ids: list[int]) -> dict[tuple[int, st
         cache = out.past_key_values.layers[i]
         found[(11, "cache_k", i)] = to_interleaved(cache.keys[0].transpose(0, 1), head_dim)  # (T, Hkv, Dh)
         found[(11, "cache_v", i)] = cache.values[0].transpose(0, 1)
+        for name in ("xq", "xk", "xv"):  # stage 9 splits the last dimension into heads: the same numbers
+            found[(9, f"{name} (reshaped)", i)] = found[(8, name, i)].reshape(len(ids), -1, head_dim)
     found[(19, "logits", None)] = out.logits[0, -1]
     return found
 
