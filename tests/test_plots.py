@@ -1,6 +1,7 @@
 """Matplotlib figures and the terminal heatmap, from real runs of the embedded model."""
 import io
 
+import matplotlib.colors
 import matplotlib.image
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from stages import STAGES
+from stages import STAGES, Sampling
 from trace import Capture, traced_run
 from trace.heatmap import MAX_COLS, terminal_heatmap
 from trace.plots import DPI, MAX_TICKS, figure_bytes, stage_figure
@@ -41,9 +42,29 @@ def test_scores_figure_shows_the_recorded_softmax_of_the_chosen_head(france):
     probs = next(r for r in france.records if r.stage == 13 and r.name == "scores (softmax)"
                  and r.step == 0 and r.layer == 2).values
     shown = fig.axes[2].images[0].get_array()  # the large softmax panel (after one colour bar)
-    np.testing.assert_array_equal(np.asarray(shown), probs[4].numpy())
-    masked = np.ma.getmaskarray(fig.axes[0].images[0].get_array())  # -inf of the causal mask: drawn grey
-    assert masked.sum() == 37 * 36 // 2 and masked[0, 1] and not masked[1, 0]
+    future = np.triu(np.ones((37, 37), dtype=bool), 1)
+    np.testing.assert_array_equal(np.asarray(shown)[~future], probs[4].numpy()[~future])
+    for panel in (0, 2):  # -inf of the causal mask: grey in the scores and, as the title says, after softmax too
+        masked = np.ma.getmaskarray(fig.axes[panel].images[0].get_array())
+        assert (masked == future).all(), panel
+    assert fig.axes[0].get_xlabel().startswith("key position") and fig.axes[0].get_ylabel().startswith("query")
+
+
+def test_the_chosen_token_is_always_visible_even_when_unlikely(embedded_model):
+    sampled = traced_run(embedded_model, "Write one word about the sea:", max_new_tokens=3,
+                         sampling=Sampling(temperature=1.5, top_p=0.9, seed=1), capture=Capture.everything())
+    for step in range(sampled.n_steps):
+        chosen = sampled.new_ids[step]
+        p = float(sampled.values(19, "probs", step=step)[chosen])
+        ax = stage_figure(sampled, 19, step=step, layer=0, head=0).axes[0]
+        label = next(t for t in ax.get_yticklabels() if t.get_text().endswith(f"({chosen})"))
+        assert label.get_color() == "#c62828"
+        bar = next(b for b in ax.patches if b.get_facecolor()[:3] == matplotlib.colors.to_rgb("#c62828"))
+        assert bar.get_width() == pytest.approx(p)
+        low, high = ax.get_xlim()
+        # On the axis as drawn (log when the choice is far less likely), the bar is a real part of it.
+        share = (np.log(p / low) / np.log(high / low)) if ax.get_xscale() == "log" else p / high
+        assert share > 0.05, (step, p)
 
 
 def test_gqa_figure_reads_the_sharing_off_the_values(france):

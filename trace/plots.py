@@ -188,6 +188,7 @@ class Figures:
                 ax.set_ylabel("head")
                 ax.set_yticks(range(matrix.shape[0]))
                 _ticks(ax, "x", keys)
+                ax.set_xlabel("key position (the token looked at)")
             return fig
         fig = self.figure(18, 11, f"Stage 13: attention scores before and after softmax (head {self.head} large, "
                                   f"then every head); grey = masked (-inf)")
@@ -195,15 +196,18 @@ class Figures:
         cols = math.ceil(math.sqrt(n))
         rows = math.ceil(n / cols)
         grid = fig.add_gridspec(rows, 2 + cols)
-        for col, (matrix, title) in enumerate(((scores, "scores + mask"), (probs, "softmax"))):
+        masked = ~torch.isfinite(scores)
+        softmax = torch.where(masked, float("nan"), probs.float())  # 0 after softmax, but shown as masked
+        for col, (matrix, title) in enumerate(((scores, "scores + mask"), (softmax, "softmax"))):
             ax = fig.add_subplot(grid[:, col])
             _image(ax, _np(matrix[self.head]), f"head {self.head}: {title}")
             _ticks(ax, "y", self.new_tokens(), self.P)
             _ticks(ax, "x", keys)
+            ax.set_ylabel("query position (the token that looks)")
+            ax.set_xlabel("key position (the token looked at)")
         for h in range(n):
             ax = fig.add_subplot(grid[h // cols, 2 + h % cols])
-            visible = np.where(np.isfinite(_np(scores[h])), _np(probs[h]), np.nan)  # masked places grey
-            ax.imshow(np.ma.masked_invalid(visible), aspect="auto", interpolation="nearest",
+            ax.imshow(np.ma.masked_invalid(_np(softmax[h])), aspect="auto", interpolation="nearest",
                       cmap=_colormap("viridis"))
             ax.set_title(f"head {h}", fontsize=8)
             ax.set_xticks([])
@@ -242,19 +246,27 @@ class Figures:
         probs = self.get(19, "probs").values
         chosen = int(self.get(19, "next token").values)
         top = torch.topk(probs, k)
-        ids = top.indices.tolist()
+        ids = [i for i, p in zip(top.indices.tolist(), top.values.tolist()) if p > 0]  # after top-k / top-p
         if chosen not in ids:
-            ids[-1] = chosen
+            ids[-1:] = [chosen]
         values = probs[ids].numpy()
-        fig = self.figure(12, 7, f"Stage 19: the next-token distribution (top {k}), the chosen token in red")
+        fig = self.figure(12, 7, f"Stage 19: the next-token distribution (the {len(ids)} most likely), "
+                                 f"the chosen token in red")
         ax = fig.add_subplot()
         labels = [f"{_token_label(self.trace.piece(i))} ({i})" for i in ids]
         ax.barh(range(len(ids)), values, color=["#c62828" if i == chosen else "#1e88e5" for i in ids])
         ax.set_yticks(range(len(ids)), labels, fontsize=8)
+        ax.get_yticklabels()[ids.index(chosen)].set(color="#c62828", fontweight="bold")
         ax.invert_yaxis()
-        ax.set_xlabel("probability")
+        if values.min() < values.max() / 100:  # a sampled token can be far less likely than the best
+            ax.set_xscale("log")
+            ax.set_xlim(left=values.min() / 10)  # so that the least likely bar is still a decade long
+            ax.set_xlabel("probability (log scale)")
+        else:
+            ax.set_xlabel("probability")
         for y, v in enumerate(values):
-            ax.text(v, y, f" {v:.3g}", va="center", fontsize=7)
+            ax.text(v, y, f" {v:.3g}" + ("  ◀ chosen" if ids[y] == chosen else ""), va="center", fontsize=7,
+                    color="#c62828" if ids[y] == chosen else "black")
         return fig
 
     # Every other stage ---------------------------------------------------
