@@ -72,7 +72,7 @@ def png(data: str) -> np.ndarray:
 
 
 def test_there_are_five_walkthroughs():
-    assert [p.name[:2] for p in execute_notebooks.notebooks()] == ["01", "02", "03", "04", "05"]
+    assert [p.name[:2] for p in execute_notebooks.notebooks()] == ["01", "02", "03", "04", "05", "06"]
 
 
 def test_printed_floats_compare_within_rounding_and_text_exactly():
