@@ -14,7 +14,8 @@ def test_every_stage_of_every_layer_matches_hf(tiny):
     model, hf = tiny
     _, ours = record_run(model, PROMPT, 1)
     theirs = hf_stage_tensors(hf, PROMPT)
-    assert len(theirs) == 3 + model.config.n_layers * 15  # all of them were compared
+    assert len(theirs) == 3 + model.config.n_layers * 25  # all of them were compared
+    assert {stage for stage, _, _ in theirs} == set(range(4, 20)) - {5}  # stage 5 hands on stage 18's output
     assert_stages_match(ours, theirs, rtol=1e-4, atol=1e-5)
 
 

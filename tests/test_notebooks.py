@@ -40,7 +40,7 @@ _NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
 def sanitise(text: str) -> str:
     text = _ANSI.sub("", text)  # colours
     text = re.sub(r"0x[0-9a-f]{6,}", "0x…", text)  # object addresses
-    return re.sub(r"\d+\.\d+ ?s\b", "… s", text)  # timings
+    return re.sub(r"\d+\.\d+(?:</span>)? ?s\b", "… s", text)  # timings (in HTML, a number ends in </span>)
 
 
 def numbers_and_text(text: str) -> tuple[list[str], str]:
@@ -71,8 +71,24 @@ def png(data: str) -> np.ndarray:
     return matplotlib.image.imread(io.BytesIO(base64.b64decode(data)))
 
 
-def test_there_are_five_walkthroughs():
+def test_there_are_six_walkthroughs():
     assert [p.name[:2] for p in execute_notebooks.notebooks()] == ["01", "02", "03", "04", "05", "06"]
+
+
+@pytest.mark.parametrize("path", execute_notebooks.notebooks(), ids=lambda p: p.stem)
+def test_saved_outputs_show_things_not_their_python_names(path):
+    """A table or figure left unprinted shows as `<rich.console.Group at 0x...>`: never in a saved notebook."""
+    for number, cell in enumerate(nbformat.read(path, as_version=4).cells):
+        for _, data in outputs(cell):
+            if set(data) <= {"text/plain", "text"}:  # nothing richer (a picture, HTML) shown instead
+                text = str(data.get("text/plain", data.get("text", "")))
+                assert not re.search(r"<[\w.]+ (object )?at 0x[0-9a-f]+>", text), (path.name, number)
+
+
+def test_timings_are_not_compared():
+    html = '<span style="color: #008080">0.050</span> s (1 position)'
+    assert same_text(html, html.replace("0.050", "0.250")) and same_text("took 1.5 s", "took 2.0 s")
+    assert not same_text("1 position", "2 position")
 
 
 def test_printed_floats_compare_within_rounding_and_text_exactly():

@@ -89,3 +89,23 @@ def test_without_a_sink_record_is_a_pass_through(tiny):
     ids = model.tokenizer.encode("the cat", add_bos=False)
     traced = traced_run(model, "the cat", chat=False, max_new_tokens=5)
     assert generate(model, ids, 5) == traced.new_ids
+
+
+def test_a_tensor_name_means_one_tensor(tiny):
+    """Where two stages record tensors of the same name, they hold the same numbers: a name is never
+    reused for another tensor. A stage run once per step is compared with the first block when it
+    comes before the blocks, with the last block when it comes after them."""
+    model, _ = tiny
+    trace = traced_run(model, "the cat", chat=False, max_new_tokens=2, capture=Capture.everything())
+    last = model.config.n_layers - 1
+
+    def place(r, blocks_after: bool):
+        return r.step, (r.layer if r.layer is not None else last if blocks_after else 0)
+
+    compared = 0
+    for a in trace.records:
+        for b in trace.records:
+            if a.name == b.name and a.stage < b.stage and place(a, a.stage > 18) == place(b, b.stage > 18):
+                assert a.shape == b.shape and torch.equal(a.values, b.values), (a.name, a.stage, b.stage, a.layer)
+                compared += 1
+    assert compared > 100
