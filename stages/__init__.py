@@ -8,7 +8,7 @@ from .config import TINY, ModelConfig
 from .embedded import NAME as EMBEDDED_NAME, embedded_model_path
 from .errors import UserError
 from .generate import check_length, forward_step, generate
-from .gguf_model import read_gguf
+from .checkpoint import read_checkpoint
 from .model import Model, resolve_device
 from .output import Sampling
 from .registry import NOTATION, STAGES, stage
@@ -20,12 +20,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def load_model(path: str | Path | None = None, device: str = "auto", dtype: str = "float32",
                progress: Callable[[int, int], None] | None = None) -> Model:
-    """A GGUF file (the embedded SmolLM2-135M-Instruct when `path` is None), on `device`, its
-    weights dequantized to float32 and then cast to `dtype`."""
+    """The model at `path` (a GGUF file, a Hugging Face or a Meta folder; the embedded
+    SmolLM2-135M-Instruct when None) on `device`, its weights read in `dtype`."""
     torch_device = resolve_device(device)
-    name, config, weights, tokenizer = read_gguf(Path(path) if path else embedded_model_path(), progress)
-    name = name if path else EMBEDDED_NAME
-    return Model.build(name, config, weights, tokenizer, torch_device, DTYPES[dtype])
+    checkpoint = read_checkpoint(Path(path) if path else embedded_model_path(), DTYPES[dtype], progress)
+    if checkpoint.weights is None:
+        raise UserError(f"{path} holds a model's configuration but no weights: add --shapes-only to see its shapes")
+    name = checkpoint.name if path else EMBEDDED_NAME
+    return Model.build(name, checkpoint.config, checkpoint.weights, checkpoint.tokenizer, torch_device,
+                       DTYPES[dtype], checkpoint.source)
 
 
 __all__ = ["DTYPES", "Model", "ModelConfig", "NOTATION", "STAGES", "Sampling", "TINY", "UserError", "check_length", "forward_step",

@@ -31,7 +31,8 @@ env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_bloc
 env.globals["raise_exception"] = raise_exception
 try:
     text = env.from_string(job["template"]).render(
-        messages=[{"role": "user", "content": job["message"]}], add_generation_prompt=True,
+        messages=([{"role": "system", "content": job["system"]}] if job["system"] is not None else [])
+                 + [{"role": "user", "content": job["message"]}], add_generation_prompt=True,
         bos_token=job["bos"], eos_token=job["eos"])
     answer = {"text": text} if len(text) <= job["limit"] else {"error": f"it built a text of {len(text)} characters"}
 except TemplateRaised as e:
@@ -50,10 +51,11 @@ def _limit_memory() -> None:
 
 
 @functools.lru_cache(maxsize=64)
-def render_chat_template(template: str, user_message: str, bos: str, eos: str) -> str:
-    """The prompt as the chat model was trained to see it, ready for its reply."""
-    job = json.dumps({"template": template, "message": user_message, "bos": bos, "eos": eos,
-                      "limit": OUTPUT_CHARS + len(user_message)})
+def render_chat_template(template: str, user_message: str, bos: str, eos: str, system: str | None = None) -> str:
+    """The prompt as the chat model was trained to see it, ready for its reply; `system` is the
+    system prompt (None: the template's own default, where it has one)."""
+    job = json.dumps({"template": template, "message": user_message, "system": system, "bos": bos, "eos": eos,
+                      "limit": OUTPUT_CHARS + len(user_message) + len(system or "")})
     try:
         done = subprocess.run([sys.executable, "-I", "-c", _CHILD], input=job, capture_output=True, text=True,
                               timeout=SECONDS, preexec_fn=_limit_memory if sys.platform != "win32" else None)

@@ -1,17 +1,18 @@
 """Reading a LLaMA-architecture GGUF file: config from its metadata, weights
-dequantized to float32, tokenizer and chat template from its metadata.
+dequantized (by the `gguf` package, any type it knows) and cast to the run's
+dtype one tensor at a time, tokenizer and chat template from its metadata.
 
 GGUF keeps Meta's interleaved-pair RoPE layout for wq and wk (llama.cpp's
 converter permutes Hugging Face weights back into it), so the rows are used
-as they are.
+as they are. Llama 3.1's RoPE scaling comes as the tensor rope_freqs.
 """
 from pathlib import Path
-from typing import Callable
 
 import gguf
 import numpy as np
 import torch
 
+from .checkpoint import Checkpoint, Progress
 from .config import ModelConfig
 from .errors import UserError
 from .inputs import regular_file
@@ -79,8 +80,8 @@ def config_from_fields(fields: dict) -> ModelConfig:
     return config
 
 
-def _dequantize(tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """A tensor's values as float32, if it has the shape the config says (checked before any work)."""
+def _dequantize(tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A tensor's values in `dtype`, if it has the shape the config says (checked before any work)."""
     if tuple(reversed([int(n) for n in tensor.shape])) != shape:  # GGUF lists dimensions innermost first
         raise UserError(f"tensor {tensor.name} has shape {tuple(reversed(tensor.shape.tolist()))}, but the "
                         f"model's metadata says {shape}")
@@ -93,23 +94,25 @@ def _dequantize(tensor, shape: tuple[int, ...]) -> torch.Tensor:
     if values.size != int(np.prod(shape)):
         raise UserError(f"tensor {tensor.name} holds {values.size} values, not the {int(np.prod(shape))} of {shape}")
     values = values.reshape(shape)
-    # F32 tensors come back as read-only views of the memory-mapped file: copy those only.
-    return torch.from_numpy(np.require(values, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
+    if dtype == torch.float32:
+        # F32 tensors come back as read-only views of the memory-mapped file: copy those only.
+        return torch.from_numpy(np.require(values, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
+    return torch.from_numpy(np.ascontiguousarray(values)).to(dtype)
 
 
-def load_weights(reader: gguf.GGUFReader, config: ModelConfig,
-                 progress: Callable[[int, int], None] | None = None) -> Weights:
+def load_weights(reader: gguf.GGUFReader, config: ModelConfig, dtype: torch.dtype = torch.float32,
+                 progress: Progress = None) -> Weights:
     tensors = {t.name: t for t in reader.tensors}
-    unsupported = sorted(n for n in tensors if n.endswith(".bias") or n == "rope_freqs.weight")
+    unsupported = sorted(n for n in tensors if n.endswith(".bias"))
     if unsupported:
-        raise UserError(f"unsupported tensor {unsupported[0]} (biases and RoPE frequency scaling are not supported)")
+        raise UserError(f"unsupported tensor {unsupported[0]} (LLaMA has no biases)")
     done, total = 0, len(tensors)
 
-    def take(name: str, *shape: int) -> torch.Tensor:
+    def take(name: str, *shape: int, as_dtype: torch.dtype = dtype) -> torch.Tensor:
         nonlocal done
         if name not in tensors:
             raise UserError(f"GGUF file lacks tensor {name}")
-        value = _dequantize(tensors[name], shape)
+        value = _dequantize(tensors[name], shape, as_dtype)
         done += 1
         if progress:
             progress(done, total)
@@ -126,16 +129,27 @@ def load_weights(reader: gguf.GGUFReader, config: ModelConfig,
               for i in range(c.n_layers)]
     # Models with tied embeddings (SmolLM2) have no output.weight: the head reuses the table.
     output = take("output.weight", c.vocab_size, c.dim) if "output.weight" in tensors else tok_embeddings
+    rope_freqs = (take("rope_freqs.weight", c.head_dim // 2, as_dtype=torch.float32)
+                  if "rope_freqs.weight" in tensors else None)
+    if rope_freqs is not None and not (torch.isfinite(rope_freqs).all() and (rope_freqs > 0).all()):
+        raise UserError("the GGUF file's rope_freqs are not all positive numbers")
     return Weights(tok_embeddings=tok_embeddings, layers=layers, norm=take("output_norm.weight", c.dim),
-                   output=output)
+                   output=output, rope_freqs=rope_freqs)
 
 
-def read_gguf(path: Path, progress: Callable[[int, int], None] | None = None):
-    """(name, config, weights, tokenizer) from a GGUF file; weights in float32 on the CPU."""
+def _source(reader: gguf.GGUFReader) -> str:
+    types = sorted({t.tensor_type.name for t in reader.tensors if len(t.shape) == 2})
+    return f"GGUF ({', '.join(types)}) · wq/wk rows in interleaved pairs, as the file stores them"
+
+
+def read_gguf(path: Path, dtype: torch.dtype = torch.float32, progress: Progress = None,
+              shapes_only: bool = False) -> Checkpoint:
+    """A GGUF file's model; weights in `dtype` on the CPU (none with `shapes_only`)."""
     reader = open_gguf(path)
     fields = read_fields(reader)
     config = config_from_fields(fields)
     tokenizer = Tokenizer.from_gguf_fields(fields, config.vocab_size)
-    weights = load_weights(reader, config, progress)
+    weights = None if shapes_only else load_weights(reader, config, dtype, progress)
     name = fields.get("general.name")
-    return name if isinstance(name, str) and name.strip() else path.stem, config, weights, tokenizer
+    return Checkpoint(name if isinstance(name, str) and name.strip() else path.stem, config, weights, tokenizer,
+                      _source(reader))

@@ -16,18 +16,20 @@ class Model:
     config: ModelConfig
     weights: Weights
     tokenizer: Tokenizer | None
+    source: str = ""  # the checkpoint's format, and the RoPE layout its wq/wk rows came in
     _freqs_cis: torch.Tensor | None = None  # (positions so far, Dh/2) complex64, on the weights' device
 
     @classmethod
     def build(cls, name: str, config: ModelConfig, weights: Weights, tokenizer: Tokenizer | None,
-              device: torch.device, dtype: torch.dtype = torch.float32) -> "Model":
-        return cls(name, config, weights.to(device, dtype), tokenizer)
+              device: torch.device, dtype: torch.dtype = torch.float32, source: str = "") -> "Model":
+        return cls(name, config, weights.to(device, dtype), tokenizer, source)
 
     def rotations(self, end: int) -> torch.Tensor:
         """freqs_cis (end, Dh/2) for positions 0..end-1. The table grows to what runs need, not to
         the model's whole context (which a model file may claim to be millions of positions)."""
         if self._freqs_cis is None or self._freqs_cis.shape[0] < end:
-            self._freqs_cis = precompute_freqs_cis(self.config.head_dim, end, self.config.rope_theta).to(self.device)
+            self._freqs_cis = precompute_freqs_cis(self.config.head_dim, end, self.config.rope_theta,
+                                                   self.weights.rope_freqs).to(self.device)
         return self._freqs_cis[:end]
 
     @property

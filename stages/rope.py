@@ -4,8 +4,16 @@ angle pos·θ_i with θ_i = theta^(-2i/Dh).
 
 (Hugging Face checkpoints permute the rows of wq and wk and rotate the pairs
 (i, i+Dh/2) instead, "rotate_half"; that gives the same scores on *their*
-weights, and wrong ones on these.)
+weights, and wrong ones on these. stages.hf_folder permutes their rows back
+when it loads them, so that one layout runs whatever the checkpoint.)
+
+Llama 3.1 and later stretch the slow rotations for long contexts: each pair's
+frequency is divided by a factor (1 for the fast pairs, `factor` for the slow
+ones, a smooth blend between). GGUF files store those divisors as the tensor
+rope_freqs; Hugging Face and Meta checkpoints give the recipe, `llama3_freq_factors`.
 """
+import math
+
 import torch
 
 from .hooks import record
@@ -13,9 +21,32 @@ from .hooks import record
 LAYOUT = "interleaved pairs (x[2i], x[2i+1])"
 
 
-def precompute_freqs_cis(head_dim: int, max_len: int, theta: float) -> torch.Tensor:
-    """exp(j·pos·θ_i) for every position and pair: (max_len, Dh/2), complex64."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # (Dh/2)
+def base_frequencies(head_dim: int, theta: float) -> torch.Tensor:
+    """θ_i = theta^(-2i/Dh) for each pair i: (Dh/2), float32."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+
+def llama3_freq_factors(head_dim: int, theta: float, factor: float, low_freq_factor: float,
+                        high_freq_factor: float, original_context: int) -> torch.Tensor:
+    """(Dh/2) divisors of the pairs' frequencies under Llama 3.1's RoPE scaling: pairs that turn
+    more than high_freq_factor times over the original context keep their speed, those that
+    turn less than low_freq_factor times are slowed by `factor`, the ones between are blended."""
+    if not (factor > 0 and 0 < low_freq_factor < high_freq_factor and original_context > 0):
+        raise ValueError(f"impossible llama3 RoPE scaling: factor {factor}, low_freq_factor {low_freq_factor}, "
+                         f"high_freq_factor {high_freq_factor}, original context {original_context}")
+    freqs = base_frequencies(head_dim, theta).double()
+    turns = original_context * freqs / (2 * math.pi)  # full turns of each pair over the original context
+    smooth = ((turns - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0, 1)
+    scaled = (1 - smooth) * freqs / factor + smooth * freqs
+    return (freqs / scaled).float()
+
+
+def precompute_freqs_cis(head_dim: int, max_len: int, theta: float,
+                         freq_factors: torch.Tensor | None = None) -> torch.Tensor:
+    """exp(j·pos·θ_i / factor_i) for every position and pair: (max_len, Dh/2), complex64."""
+    inv_freq = base_frequencies(head_dim, theta)  # (Dh/2)
+    if freq_factors is not None:
+        inv_freq = inv_freq / freq_factors.float().cpu()
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, Dh/2)
     return torch.polar(torch.ones_like(angles), angles)
 

@@ -5,11 +5,12 @@ from .hooks import record
 from .tokenizer import Tokenizer
 
 
-def tokenize(tokenizer: Tokenizer, prompt: str, chat: bool) -> list[int]:
+def tokenize(tokenizer: Tokenizer, prompt: str, chat: bool, system: str | None = None) -> list[int]:
     """Stage 1. prompt (str) -> token ids (T0). With `chat`, the chat template wraps the
-    prompt first (the template brings its own special tokens, so no extra BOS)."""
+    prompt (and the system prompt, if given) first: the template brings its own special tokens,
+    so no extra BOS."""
     if chat:
-        ids = tokenizer.encode(tokenizer.apply_chat_template(prompt), add_bos=False)
+        ids = tokenizer.encode(tokenizer.apply_chat_template(prompt, system), add_bos=False)
     else:
         ids = tokenizer.encode(prompt, add_bos=tokenizer.add_bos)
     record(1, "token ids", torch.tensor(ids, dtype=torch.long))

@@ -104,10 +104,11 @@ class Tokenizer:
         """The vocabulary entry of one id, as text (byte-level pieces decoded)."""
         return self.decode([token_id])
 
-    def apply_chat_template(self, user_message: str) -> str:
-        """The prompt as the chat model was trained to see it, ready for its reply."""
+    def apply_chat_template(self, user_message: str, system: str | None = None) -> str:
+        """The prompt as the chat model was trained to see it, ready for its reply (with a system
+        prompt, where `system` is given)."""
         if not self.chat_template:
             raise UserError("this model has no chat template; use --raw")
         bos = self.backend.id_to_token(self.bos_id) if self.bos_id is not None else ""
         eos = self.backend.id_to_token(min(self.stop_ids)) if self.stop_ids else ""
-        return render_chat_template(self.chat_template, user_message, bos or "", eos or "")
+        return render_chat_template(self.chat_template, user_message, bos or "", eos or "", system)

@@ -27,6 +27,7 @@ class Weights:
     layers: list[LayerWeights]
     norm: torch.Tensor  # (D)
     output: torch.Tensor  # (V, D); the same tensor as tok_embeddings when tied
+    rope_freqs: torch.Tensor | None = None  # (Dh/2) float32 divisors of RoPE's frequencies (Llama 3.1 scaling)
 
     def to(self, device, dtype) -> "Weights":
         tok_embeddings = self.tok_embeddings.to(device, dtype)
@@ -34,4 +35,5 @@ class Weights:
         return Weights(tok_embeddings=tok_embeddings,
                        layers=[layer.to(device, dtype) for layer in self.layers],
                        norm=self.norm.to(device, dtype),
-                       output=tok_embeddings if tied else self.output.to(device, dtype))
+                       output=tok_embeddings if tied else self.output.to(device, dtype),
+                       rope_freqs=self.rope_freqs)  # frequencies stay float32: they make the rotation table
