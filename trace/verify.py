@@ -21,6 +21,7 @@ from transformers.utils import logging as hf_logging
 
 import stages
 from stages.config import TINY
+from stages.hf_folder import interleave_rows
 
 
 def to_interleaved(t: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -28,11 +29,6 @@ def to_interleaved(t: torch.Tensor, head_dim: int) -> torch.Tensor:
     shape = t.shape
     t = t.reshape(*shape[:-1], -1, 2, head_dim // 2)  # (..., n, 2, Dh/2)
     return t.transpose(-1, -2).reshape(shape)  # (..., n, Dh/2, 2) -> (..., n·Dh)
-
-
-def _permute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """What llama.cpp's converter does to wq/wk: rotate-half rows -> interleaved rows."""
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _tiny_vocab(size: int):
@@ -77,9 +73,9 @@ def write_gguf(model: LlamaForCausalLM, path: Path) -> Path:
         for theirs, ours in names.items():
             w = sd[f"model.layers.{i}.{theirs}.weight"]
             if ours == "attn_q":
-                w = _permute_rows(w, c.num_attention_heads)
+                w = interleave_rows(torch.from_numpy(w), c.num_attention_heads).numpy()
             if ours == "attn_k":
-                w = _permute_rows(w, c.num_key_value_heads)
+                w = interleave_rows(torch.from_numpy(w), c.num_key_value_heads).numpy()
             writer.add_tensor(f"blk.{i}.{ours}.weight", np.ascontiguousarray(w))
     writer.add_tensor("output_norm.weight", sd["model.norm.weight"])
     writer.add_tensor("output.weight", sd["lm_head.weight"])
