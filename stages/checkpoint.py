@@ -33,6 +33,7 @@ class Checkpoint:
     weights: Weights | None  # None: a config without weights (shapes only)
     tokenizer: Tokenizer | None
     source: str  # e.g. "Hugging Face safetensors · wq/wk rows came in rotate-half layout, permuted at load"
+    tied: bool = False  # the output head is the embedding table (said where weights is None)
 
 
 def read_json(path: Path, what: str) -> dict:

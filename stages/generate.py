@@ -14,7 +14,7 @@ from .text import create_tokens_tensor
 
 
 def forward_step(model: Model, tokens: torch.Tensor, start_pos: int, caches: list[KVCache],
-                 sampling: Sampling, generator: torch.Generator | None) -> tuple[int, torch.Tensor]:
+                 sampling: Sampling, generator: torch.Generator | None) -> tuple[int | None, torch.Tensor]:
     """One pass of the model over tokens[P:P+T] (T) -> (next id, logits (V)): stages 4, 5 and 19."""
     config, weights = model.config, model.weights
     x = create_input_tensor(tokens, weights.tok_embeddings)  # (T, D)
@@ -40,7 +40,8 @@ def generate(model: Model, prompt_ids: list[int], max_new_tokens: int, sampling:
 
     Step 0 feeds the whole prompt (P = 0, T = T0); each later step feeds the
     token chosen by the step before (T = 1) while P counts the cached positions.
-    Stops after max_new_tokens, or after a token that ends the model's turn.
+    Stops after max_new_tokens, or after a token that ends the model's turn. On the meta device
+    (shapes only) the prompt step runs, and no token is chosen.
     """
     check_length(len(prompt_ids), max_new_tokens, model.config.max_seq_len)
     max_len = len(prompt_ids) + max_new_tokens
@@ -60,6 +61,8 @@ def generate(model: Model, prompt_ids: list[int], max_new_tokens: int, sampling:
             record(3, "tokens", tokens, copy=True)
             feed = record(3, "tokens[P:P+T]", tokens[start_pos:start_pos + T])  # (T)
             next_id, _ = forward_step(model, feed, start_pos, caches, sampling, generator)
+            if next_id is None:
+                break
             tokens[start_pos + T] = next_id
             new_ids.append(next_id)
             if on_token:

@@ -152,4 +152,4 @@ def read_gguf(path: Path, dtype: torch.dtype = torch.float32, progress: Progress
     weights = None if shapes_only else load_weights(reader, config, dtype, progress)
     name = fields.get("general.name")
     return Checkpoint(name if isinstance(name, str) and name.strip() else path.stem, config, weights, tokenizer,
-                      _source(reader))
+                      _source(reader), tied="output.weight" not in {t.name for t in reader.tensors})

@@ -237,4 +237,4 @@ def read_hf(path: Path, dtype: torch.dtype = torch.float32, progress: Progress =
     files = len(_weight_files(folder)) if not shapes_only else 0
     source = (f"Hugging Face safetensors ({files} file{'s' if files != 1 else ''}) · wq/wk rows came in the "
               f"rotate-half layout, permuted into interleaved pairs at load") if files else "Hugging Face config.json"
-    return Checkpoint(folder.name, config, weights, tokenizer, source)
+    return Checkpoint(folder.name, config, weights, tokenizer, source, tied)

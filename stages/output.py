@@ -54,15 +54,16 @@ def next_token_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
 
 
 def forward_output(h: torch.Tensor, norm: torch.Tensor, output: torch.Tensor, eps: float,
-                   sampling: Sampling, generator: torch.Generator | None) -> tuple[int, torch.Tensor]:
+                   sampling: Sampling, generator: torch.Generator | None) -> tuple[int | None, torch.Tensor]:
     """Stage 19. h (T, D), the last block's output (the trace calls it "out", as stage 18 does) -> final
-    norm (T, D) -> last row · outputᵀ -> logits (V), float32 -> next id."""
+    norm (T, D) -> last row · outputᵀ -> logits (V), float32 -> next id (None on the meta device, which
+    computes shapes and no numbers)."""
     record(19, "out", h)
     record(19, "norm", norm)
     normalized = record(19, "normalized out", rms_norm(h, norm, eps))
     record(19, "output", output)
     logits = record(19, "logits", F.linear(normalized[-1], output).float())  # (V)
-    if not torch.isfinite(logits).all():
+    if not logits.is_meta and not torch.isfinite(logits).all():
         raise UserError("the model computed logits that are not finite (inf or nan): its weights may be damaged, "
                         "or the dtype overflowed (try --dtype float32)")
     probs = record(19, "probs", next_token_probs(logits, sampling))  # (V)
@@ -71,4 +72,5 @@ def forward_output(h: torch.Tensor, norm: torch.Tensor, output: torch.Tensor, ep
     else:
         # Draw on the CPU so that a seed gives the same tokens on every device.
         next_id = torch.multinomial(probs.cpu(), 1, generator=generator)[0]
-    return int(record(19, "next token", next_id)), logits
+    next_id = record(19, "next token", next_id)
+    return None if next_id.is_meta else int(next_id), logits

@@ -17,6 +17,14 @@ def tokenize(tokenizer: Tokenizer, prompt: str, chat: bool, system: str | None =
     return ids
 
 
+def stand_in_prompt(n_tokens: int) -> list[int]:
+    """Stage 1 where no tokenizer is at hand (shapes only): n_tokens ids of 0 stand in for a
+    prompt of that length."""
+    ids = [0] * n_tokens
+    record(1, "token ids", torch.tensor(ids, dtype=torch.long))
+    return ids
+
+
 def create_tokens_tensor(token_ids: list[int], max_len: int, pad_id: int, device) -> torch.Tensor:
     """Stage 2. token ids (T0) -> tokens (S): the ids, then pad_id up to S = max_len."""
     ids = record(2, "token ids", torch.tensor(token_ids, dtype=torch.long, device=device))

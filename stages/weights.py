@@ -4,6 +4,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from .config import ModelConfig
+
 
 @dataclass
 class LayerWeights:
@@ -37,3 +39,22 @@ class Weights:
                        norm=self.norm.to(device, dtype),
                        output=tok_embeddings if tied else self.output.to(device, dtype),
                        rope_freqs=self.rope_freqs)  # frequencies stay float32: they make the rotation table
+
+
+def shapes_only_weights(config: ModelConfig, dtype: torch.dtype, tied: bool) -> Weights:
+    """Weights of the config's shapes on torch's meta device: no memory, no values, so that the
+    stages can run a model of any size to show its shapes."""
+    c = config
+
+    def empty(*shape: int) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    layers = [LayerWeights(attention_norm=empty(c.dim), wq=empty(q, c.dim), wk=empty(kv, c.dim), wv=empty(kv, c.dim),
+                           wo=empty(c.dim, q), ffn_norm=empty(c.dim), w1=empty(c.ffn_dim, c.dim),
+                           w3=empty(c.ffn_dim, c.dim), w2=empty(c.dim, c.ffn_dim))
+              for _ in range(c.n_layers)]
+    tok_embeddings = empty(c.vocab_size, c.dim)
+    return Weights(tok_embeddings=tok_embeddings, layers=layers, norm=empty(c.dim),
+                   output=tok_embeddings if tied else empty(c.vocab_size, c.dim))
+

@@ -355,7 +355,8 @@ def test_a_damaged_cached_model_is_never_used_silently(embedded_path, tmp_path):
                  PIP_FIND_LINKS=str(empty))
     assert result.returncode == 1 and "Traceback" not in result.stderr and result.stdout == ""
     said = result.stderr.strip().splitlines()
-    assert "is damaged (its checksum is wrong)" in said[0] and "could not fetch the embedded model" in said[-1]
+    assert "embedded model" in said[0] and "is damaged (its checksum is wrong)" in said[0]
+    assert "could not fetch the embedded model" in said[-1]
 
 
 # --- terminal and pipes ---------------------------------------------------------------------------

@@ -135,9 +135,16 @@ BAD = {
     "step beyond the budget": (["run", "hi", "--step", "8", "--max-new-tokens", "8"], "at most 8 steps"),
     "step after the end of the answer": (["run", QUESTION, "--step", "20", "--max-new-tokens", "30"],
                                          "generation stopped after 8 steps"),
-    "missing model": (["run", "hi", "--model", "/no/such/model.gguf"], "model file not found"),
-    "directory as model": (["run", "hi", "--model", "/tmp"], "is a directory"),
-    "not a GGUF file": (["run", "hi", "--model", "pyproject.toml"], "not a GGUF file"),
+    "missing model": (["run", "hi", "--model", "/no/such/model.gguf"], "model not found"),
+    "folder without a model": (["run", "hi", "--model", "/tmp"], "is a folder without config.json"),
+    "not a model file": (["run", "hi", "--model", "pyproject.toml"], "cannot tell what pyproject.toml is"),
+    "config without weights": (["run", "hi", "--model", "{config}"], "add --shapes-only"),
+    "preset without --shapes-only": (["run", "hi", "--model", "llama-2-7b"], "add --shapes-only"),
+    "no tokenizer, no --tokens": (["run", "hi", "--model", "llama-2-7b", "--shapes-only"], "--tokens N"),
+    "--tokens without --shapes-only": (["run", "--tokens", "5"], "add --shapes-only"),
+    "--save with --shapes-only": (["run", "--tokens", "5", "--model", "llama-2-7b", "--shapes-only", "--save", "x"],
+                                  "--save needs the values of a real run"),
+    "--system with --raw": (["run", "hi", "--raw", "--system", "be brief"], "--raw leaves out"),
     "unsupported architecture": (["run", "hi", "--model", "{qwen}"], "unsupported architecture 'qwen2'"),
     "truncated GGUF": (["run", "hi", "--model", "{truncated}"], "cannot read GGUF file"),
     "unknown device": (["run", "hi", "--device", "tpu"], "invalid choice"),
@@ -146,11 +153,19 @@ BAD = {
 }
 
 
+def _write(path, text: str):
+    path.write_text(text)
+    return path
+
+
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_gets_one_clear_line(case, tmp_path, embedded_path):
     args, message = BAD[case]
     files = {"{qwen}": lambda: _not_llama_gguf(tmp_path / "qwen.gguf"),
-             "{truncated}": lambda: _truncated_gguf(tmp_path / "cut.gguf", embedded_path)}
+             "{truncated}": lambda: _truncated_gguf(tmp_path / "cut.gguf", embedded_path),
+             "{config}": lambda: _write(tmp_path / "config.json", '{"model_type": "llama", "hidden_size": 64, '
+                                        '"num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 300, '
+                                        '"intermediate_size": 160}')}
     args = [str(files[a]()) if a in files else a for a in args]
     result = cli(*args)
     assert result.returncode != 0

@@ -6,6 +6,7 @@ import math
 import torch
 
 from stages import ModelConfig
+from stages.kv_cache import kv_cache_bytes
 from stages.registry import STAGES, Stage
 
 from .recorder import Capture
@@ -107,3 +108,17 @@ def estimate_bytes(config: ModelConfig, prompt_len: int, max_new_tokens: int, ca
         at_first, at_next = step_bytes(origins, P, 1), step_bytes(origins, P + 1, 1)
         total += n * at_first + (at_next - at_first) * n * (n - 1) // 2  # sizes grow linearly with P
     return total
+
+
+def memory_needs(config: ModelConfig, prompt_len: int, max_new_tokens: int, dtype: torch.dtype,
+                 tied: bool) -> dict[str, int]:
+    """Bytes a real run of this model would take, said without running it: the weights (the head
+    counted once when tied), the KV caches of every position, and a trace that keeps everything."""
+    c = config
+    per_layer = 2 * c.dim + (c.n_heads + 2 * c.n_kv_heads) * c.head_dim * c.dim + c.dim * c.n_heads * c.head_dim \
+        + 3 * c.dim * c.ffn_dim  # the two norms, wq wk wv, wo, w1 w3 w2
+    parameters = c.n_layers * per_layer + c.vocab_size * c.dim * (1 if tied else 2) + c.dim
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    return {"parameters": parameters, "weights": parameters * itemsize,
+            "kv_cache": kv_cache_bytes(c.n_layers, c.n_kv_heads, c.head_dim, prompt_len + max_new_tokens, dtype),
+            "full_trace": estimate_bytes(config, prompt_len, max_new_tokens, Capture.everything(), dtype)}

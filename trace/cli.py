@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from stages import DTYPES, UserError
+from stages import DTYPES, PRESETS, UserError
 from stages.registry import STAGES
 
 from . import commands
@@ -20,6 +20,8 @@ EXAMPLES = """examples:
   python -m trace run "Hi" --stage 13 --step 2 --layer 29          scores of the 2nd generated token, last layer
   python -m trace run "Hi" --stage 13 --plot scores.png --head 4  attention heatmaps of head 4
   python -m trace run "Hi" --save hi.trace                        keep the whole run in a file
+  python -m trace run "Hi" --model ./Llama-3.2-1B-Instruct        a Hugging Face folder (or GGUF, or Meta's)
+  python -m trace run "Hi" --model llama-3.1-8b --shapes-only     Llama 3.1 8B's shapes, without its weights
   python -m trace show hi.trace --stage 13                        look at it later, without the model
   python -m trace diagram --stage 13 -o scores.svg                stage 13 drawn with graphviz
   python -m trace stages                                          the list of stages
@@ -64,15 +66,22 @@ def _fraction(low: float, high: float):
     return parse
 
 
-def _add_model_options(command: argparse.ArgumentParser) -> None:
+def _add_model_options(command: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     model = command.add_argument_group("model")
     model.add_argument("--model", metavar="PATH",
-                       help="a LLaMA-architecture GGUF file (default: the embedded SmolLM2-135M-Instruct)")
+                       help="a GGUF file, a Hugging Face model folder (config.json, *.safetensors, "
+                            "tokenizer.json), a Meta folder (params.json, consolidated.*.pth, tokenizer.model), "
+                            "or, with --shapes-only, a config.json / params.json alone or a preset: "
+                            f"{', '.join(PRESETS)} (default: the embedded SmolLM2-135M-Instruct)")
+    model.add_argument("--shapes-only", action="store_true",
+                       help="read no weights: run the stages on torch's meta device, which computes every "
+                            "tensor's shape and dtype and no number (any model size; e.g. --model llama-3.1-8b)")
     model.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="where to run (default auto: CUDA when there is a GPU)")
-    model.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
-                       help="the weights' and activations' dtype (default float32; softmax and logits "
-                            "are always float32)")
+    model.add_argument("--dtype", choices=tuple(DTYPES),
+                       help="the weights' and activations' dtype (default float32, bfloat16 for the presets; "
+                            "softmax and logits are always float32)")
+    return model
 
 
 def _add_view_options(command: argparse.ArgumentParser) -> None:
@@ -111,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = _command(subcommands, parser, "run", "generate from a prompt and show its stages",
                    "Generate from PROMPT with the model, recording every stage; then\n"
                    "show the shapes of all 19 stages, or one stage in detail.", epilog=EXAMPLES)
-    run.add_argument("prompt", help="the text to start from (wrapped in the chat template unless --raw)")
+    run.add_argument("prompt", nargs="?", help="the text to start from (wrapped in the chat template unless --raw)")
     _add_view_options(run)
     capture = run.add_argument_group("what the trace keeps")
     capture.add_argument("--capture", default="selected", metavar="POLICY",
@@ -126,7 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="only say how much memory the capture policy will take, then stop")
     capture.add_argument("--save", type=Path, metavar="FILE",
                          help="save the whole trace to FILE (safetensors with a JSON manifest)")
-    _add_model_options(run)
+    model = _add_model_options(run)
+    model.add_argument("--tokens", type=_count(1, 1 << 20), metavar="N",
+                        help="with --shapes-only: N placeholder tokens stand in for the prompt (where the "
+                             "model has no tokenizer)")
     gen = run.add_argument_group("generation")
     gen.add_argument("--max-new-tokens", type=_count(1), default=32, metavar="N",
                      help="at most N new tokens (default 32)")
@@ -137,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sample among the best tokens that make up mass P")
     gen.add_argument("--seed", type=_count(0, 2**64 - 1), metavar="N", help="random seed for sampling")
     gen.add_argument("--raw", action="store_true", help="feed the prompt as it is, without the chat template")
+    gen.add_argument("--system", metavar="TEXT",
+                     help="the system prompt, where the model's chat format has one (e.g. \"You are Einstein\")")
 
     diagram = _command(
         subcommands, parser, "diagram", "draw the stages with graphviz",

@@ -6,10 +6,11 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from stages import Sampling, UserError, check_length, load_model, tokenize
+from stages import PRESETS, Sampling, UserError, check_length, load_model, tokenize
+from stages.presets import DTYPE as PRESET_DTYPE
 from stages.registry import STAGES
 
-from .budget import estimate_bytes
+from .budget import estimate_bytes, memory_needs
 from .compare import diff_table
 from .diagram import FORMATS, drawing, render
 from .export import stages_to_json, trace_to_json
@@ -32,8 +33,10 @@ def _load(args, err: Console):
     with Progress(TextColumn("Loading model"), BarColumn(), MofNCompleteColumn(), console=err,
                   transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("load", total=None)
-        return load_model(args.model, args.device, args.dtype,
-                          progress=lambda done, total: bar.update(task, completed=done, total=total))
+        dtype = args.dtype or (PRESET_DTYPE if args.model in PRESETS else "float32")
+        return load_model(args.model, args.device, dtype,
+                          progress=lambda done, total: bar.update(task, completed=done, total=total),
+                          shapes_only=args.shapes_only)
 
 
 def _output_format(path: Path, force: bool, formats: tuple[str, ...] = FORMATS) -> str:
@@ -101,17 +104,28 @@ def _pictures(trace: Trace, args, err: Console) -> None:
         _say(err, f"plotted {args.plot}")
 
 
-def _show(trace: Trace, args, out: Console, err: Console) -> None:
-    """What run shows after the answer: the same for a live trace and a saved one."""
+def _show(trace: Trace, args, out: Console, err: Console, needs: dict[str, int] | None = None) -> None:
+    """What run shows after the answer: the same for a live trace and a saved one. `needs`: the
+    memory a real run would take, for a shapes-only run."""
     for note in trace.notes:
         _say(err, f"note: {note}")
     _pictures(trace, args, err)
     if args.json:
-        print(json.dumps(trace_to_json(trace, args.step, args.layer, args.stage)))
+        answer = trace_to_json(trace, args.step, args.layer, args.stage)
+        if needs is not None:
+            answer["memory_bytes_of_a_real_run"] = needs
+        print(json.dumps(answer))
         return
     out.print()
-    _say(out, f"{len(trace.new_ids)} new tokens from a {len(trace.prompt_ids)}-token prompt in {trace.seconds:.2f} s")
+    if needs is not None:
+        _say(out, f"{len(trace.prompt_ids)}-token prompt", style="none")
+        _say(out, _needs_line(trace, needs, args.max_new_tokens), style="none")
+    else:
+        _say(out, f"{len(trace.new_ids)} new tokens from a {len(trace.prompt_ids)}-token prompt in "
+                  f"{trace.seconds:.2f} s")
     _say(out, model_line(trace))
+    if trace.source:
+        _say(out, f"weights: {trace.source}")
     out.print()
     out.print(stage_detail(trace, args.stage, args.step, args.layer, args.head) if args.stage
               else shapes_table(trace, args.step, args.layer))
@@ -129,9 +143,39 @@ def _check_outputs(args) -> None:
         check_writable(args.save, args.force)
 
 
+def _check_shapes_only(args) -> None:
+    """What a run without numbers can and cannot do, said before any work."""
+    if args.tokens is not None and not args.shapes_only:
+        raise UserError("--tokens stands in for a prompt in a shapes-only run: add --shapes-only, or give a prompt")
+    if not args.shapes_only:
+        return
+    for flag, wanted in (("--save", args.save), ("--plot", args.plot), ("--estimate", args.estimate)):
+        if wanted:
+            raise UserError(f"{flag} needs the values of a real run: a shapes-only run computes none")
+    if args.step:
+        raise UserError("--step: a shapes-only run has the prompt step only (step 0)")
+
+
+def _shapes_only_needs(trace: Trace, max_new_tokens: int, model) -> dict[str, int]:
+    tied = model.weights.output is model.weights.tok_embeddings
+    return memory_needs(trace.config, len(trace.prompt_ids), max_new_tokens, model.dtype, tied)
+
+
+def _needs_line(trace: Trace, need: dict[str, int], max_new_tokens: int) -> str:
+    """What a real run of this model would need, in a line."""
+    gib = {key: value / 2**30 for key, value in need.items()}
+    return (f"Shapes only (torch's meta device: no weights read, no numbers). A real run in {trace.dtype} "
+            f"needs {gib['weights']:.2f} GiB of weights ({need['parameters'] / 1e9:.2f} B parameters), "
+            f"{gib['kv_cache'] * 1024:.1f} MiB of KV cache for {len(trace.prompt_ids)} + {max_new_tokens} "
+            f"positions, and {gib['full_trace']:.2f} GiB for a trace that keeps every value (--capture all).")
+
+
 def cmd_run(args, out: Console, err: Console) -> int:
-    if not args.prompt.strip():
+    _check_shapes_only(args)
+    if args.tokens is None and not (args.prompt or "").strip():
         raise UserError("the prompt is empty: give some text to start from")
+    if args.raw and args.system is not None:
+        raise UserError("--system goes into the chat template, which --raw leaves out")
     if args.step >= args.max_new_tokens:
         raise UserError(f"--step {args.step} does not exist: with --max-new-tokens {args.max_new_tokens} "
                         f"there are at most {args.max_new_tokens} steps (0-{args.max_new_tokens - 1})")
@@ -140,8 +184,10 @@ def cmd_run(args, out: Console, err: Console) -> int:
     model = _load(args, err)
     _check_view(args, model.config)
     _check_capture_layers(capture, model.config)
-    chat = not args.raw and model.tokenizer.chat_template is not None
-    if not args.raw and not chat:
+    if model.tokenizer is None and args.tokens is None:
+        raise UserError(f"{model.name} comes without a tokenizer: say how long the prompt is with --tokens N")
+    chat = args.tokens is None and not args.raw and model.tokenizer.chat_template is not None
+    if args.tokens is None and not args.raw and not chat:
         _say(err, "note: this model has no chat template, so the prompt is fed as it is")
     if args.estimate:
         prompt_len = len(tokenize(model.tokenizer, args.prompt, chat))
@@ -160,15 +206,17 @@ def cmd_run(args, out: Console, err: Console) -> int:
         streamed.append(text)
         out.print(text, end="", markup=False, highlight=False)
 
-    trace = traced_run(model, args.prompt, chat=chat, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                       capture=capture, on_text=None if args.json else stream)
+    trace = traced_run(model, args.prompt or "", chat=chat, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                       capture=capture, on_text=None if args.json else stream, system=args.system,
+                       stand_in_tokens=args.tokens)
     if not args.json:
         out.print(trace.answer[len("".join(streamed)):], end="", markup=False, highlight=False)
     _check_view(args, model.config, trace.n_steps)
     if args.save:
         save_trace(trace, args.save, args.force)
         _say(err, f"saved the trace to {args.save}")
-    _show(trace, args, out, err)
+    needs = _shapes_only_needs(trace, args.max_new_tokens, model) if trace.shapes_only else None
+    _show(trace, args, out, err, needs)
     return 0
 
 

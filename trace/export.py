@@ -23,8 +23,8 @@ def trace_to_json(trace: Trace, step: int, layer: int, stage: int | None) -> dic
     records = trace.select(step, layer)
     return {
         "model": {"name": trace.model_name, "config": asdict(trace.config), "device": trace.device,
-                  "dtype": trace.dtype},
-        "prompt": trace.prompt, "chat_template": trace.chat, "sampling": asdict(trace.sampling),
+                  "dtype": trace.dtype, "source": trace.source},
+        "shapes_only": trace.shapes_only, "prompt": trace.prompt, "chat_template": trace.chat, "sampling": asdict(trace.sampling),
         "prompt_ids": trace.prompt_ids, "pieces": [trace.piece(i) for i in trace.prompt_ids],
         "generated_ids": trace.new_ids,
         "text": trace.text, "steps": trace.n_steps, "seconds": round(trace.seconds, 3),

@@ -27,7 +27,7 @@ MANIFEST = {
     "model": {"name": str, "config": {"dim": int, "n_layers": int, "n_heads": int, "n_kv_heads": int,
                                       "vocab_size": int, "ffn_dim": int, "norm_eps": float, "rope_theta": float,
                                       "max_seq_len": int},
-              "device": str, "dtype": str},
+              "device": str, "dtype": str, "source": str},
     "prompt": str, "chat": bool,
     "sampling": {"temperature": float, "top_k": int, "top_p": float, "seed": (int, None)},
     "prompt_ids": [int], "new_ids": [int], "text": str, "answer": str, "pieces": Map(str, str),

@@ -199,6 +199,11 @@ class Recorder:
 
     def record(self, stage: int, name: str, tensor: torch.Tensor, copy: bool) -> None:
         spec = stage_info(stage).spec(name)  # a name missing from the registry is a bug: fail loudly
+        if tensor.is_meta:  # shapes only: there are no numbers to summarise or keep
+            self.records.append(TensorRecord(step=self.step, layer=self.layer, stage=stage, name=name, role=spec.role,
+                                             symbolic=spec.shape, dtype=dtype_name(tensor.dtype),
+                                             shape=tuple(tensor.shape)))
+            return
         weight = spec.role == "weight"
         if weight:
             # Weights do not change: their statistics are computed once per weight, for every run.

@@ -8,6 +8,7 @@ import torch
 
 from stages import Model, ModelConfig, Sampling, UserError, generate, tokenize
 from stages.hooks import recording
+from stages.text import stand_in_prompt
 from stages.registry import stage as stage_info
 
 from .recorder import Capture, Recorder, TensorRecord, dtype_name
@@ -33,11 +34,14 @@ class Trace:
     capture: Capture
     seconds: float
     notes: list[str] = field(default_factory=list)  # what the user must know (e.g. the budget was reached)
+    source: str = ""  # the checkpoint's format and the RoPE layout its rows came in ("" in old trace files)
+    shapes_only: bool = False  # run on the meta device: shapes and dtypes, no values, no token chosen
 
     @property
     def n_steps(self) -> int:
-        """Forward passes made: one per generated token, the prompt step being step 0."""
-        return len(self.new_ids)
+        """Forward passes made: one per generated token, the prompt step being step 0 (the only
+        step of a shapes-only run, which chooses no token)."""
+        return 1 if self.shapes_only else len(self.new_ids)
 
     def positions(self, step: int) -> tuple[int, int]:
         """(P, T) of a step: positions already cached, tokens fed."""
@@ -107,11 +111,18 @@ def _shown_ids(prompt_ids: list[int], new_ids: list[int], records: list[TensorRe
 
 def traced_run(model: Model, prompt: str, *, chat: bool = True, max_new_tokens: int = 32,
                sampling: Sampling = Sampling(), capture: Capture = Capture(),
-               on_text: Callable[[str], None] | None = None) -> Trace:
+               on_text: Callable[[str], None] | None = None, system: str | None = None,
+               stand_in_tokens: int | None = None) -> Trace:
+    """The prompt (with the system prompt, in the chat template where `chat`) through the model,
+    recorded. `stand_in_tokens` feeds that many placeholder ids instead of the prompt (for a
+    shapes-only model without a tokenizer)."""
     recorder = Recorder(capture)
     started = time.perf_counter()
     with recording(recorder):
-        prompt_ids = tokenize(model.tokenizer, prompt, chat)
+        if stand_in_tokens is not None:
+            prompt_ids = stand_in_prompt(stand_in_tokens)
+        else:
+            prompt_ids = tokenize(model.tokenizer, prompt, chat, system)
         new_ids = generate(model, prompt_ids, max_new_tokens, sampling,
                            on_token=TextStream(model, on_text) if on_text else None)
     seconds = time.perf_counter() - started
@@ -124,9 +135,14 @@ def traced_run(model: Model, prompt: str, *, chat: bool = True, max_new_tokens: 
         notes.append(f"values are stored as {dtype_name(capture.store_dtype)} (the model computed in "
                      f"{dtype_name(model.dtype)}); statistics are from the full values")
     tokenizer = model.tokenizer
+    if tokenizer is None:  # stand-in ids: no text to show
+        text, answer, pieces = "", "", {}
+    else:
+        text = tokenizer.decode(new_ids)
+        answer = tokenizer.decode([i for i in new_ids if i not in tokenizer.stop_ids])
+        pieces = {i: tokenizer.piece(i) for i in _shown_ids(prompt_ids, new_ids, recorder.records)}
     return Trace(model_name=model.name, config=model.config, device=model.device.type,
                  dtype=dtype_name(model.dtype), prompt=prompt, chat=chat, sampling=sampling,
-                 prompt_ids=prompt_ids, new_ids=new_ids, text=tokenizer.decode(new_ids),
-                 answer=tokenizer.decode([i for i in new_ids if i not in tokenizer.stop_ids]),
-                 pieces={i: tokenizer.piece(i) for i in _shown_ids(prompt_ids, new_ids, recorder.records)},
-                 records=recorder.records, capture=capture, seconds=seconds, notes=notes)
+                 prompt_ids=prompt_ids, new_ids=new_ids, text=text, answer=answer, pieces=pieces,
+                 records=recorder.records, capture=capture, seconds=seconds, notes=notes, source=model.source,
+                 shapes_only=model.device.type == "meta")

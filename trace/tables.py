@@ -95,14 +95,19 @@ def stage_detail(trace: Trace, number_: int, step: int, layer: int, head: int = 
         name = Text(r.name, style=ROLE_STYLE[r.role])
         shapes.add_row(name, Text(r.role), Text(r.dtype), Text(r.symbolic), _shape(r.shape))
         stats.add_row(name, *(number(v, digits=4) for v in (r.stats or {}).values()))
-    parts = [header, shapes, stats]
+    parts = [header, shapes] if trace.shapes_only else [header, shapes, stats]
     if (heatmap := _heatmap(trace, s, records, head)) is not None:
         parts.append(heatmap)
     previews = [p for p in map(_preview, records) if p is not None]
     if previews:
         parts += [Text("Values (a corner of each tensor):", style="bold"), *previews]
+    elif records and trace.shapes_only:
+        parts.append(Text("Shapes only: the meta device computes no values.", style="dim"))
     elif records:
         parts.append(Text("Values were not kept for this step and layer, only statistics.", style="dim"))
+    if s.number == 10 and trace.source:
+        parts.append(Text(f"The weights: {trace.source}. The rotation shown is the one the stages apply, to "
+                          f"pairs (x[2i], x[2i+1]).", style="dim"))
     if s.number == 1:
         parts.append(Text("Pieces: " + " ".join(repr(trace.piece(i)) for i in trace.prompt_ids)))
     return Group(*parts)

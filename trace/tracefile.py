@@ -26,11 +26,11 @@ from .manifest import MANIFEST, check, check_placement
 from .recorder import STAT_NAMES, Capture, Ranges, Rule, TensorRecord, dtype_name
 from .run import Trace
 
-FORMAT, FORMAT_VERSION = "llama-trace", 3
+FORMAT, FORMAT_VERSION = "llama-trace", 4
 # Tensors that versions 1 and 2 called by names now used for other tensors (or by none).
 RENAMED_IN_V3 = {(14, "output"): "head outputs", (14, "output (transposed)"): "heads merged",
                  (19, "h"): "out", (19, "normalized h"): "normalized out"}
-READS = (1, 2, 3)
+READS = (1, 2, 3, 4)  # version 4 added the model's source
 STORED = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool, "C64": torch.complex64}
@@ -95,7 +95,7 @@ def save_trace(trace: Trace, path: Path, force: bool) -> Path:
         "format": FORMAT, "version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": _versions(),
         "model": {"name": trace.model_name, "config": asdict(trace.config), "device": trace.device,
-                  "dtype": trace.dtype},
+                  "dtype": trace.dtype, "source": trace.source},
         "prompt": trace.prompt, "chat": trace.chat, "sampling": asdict(trace.sampling),
         "prompt_ids": trace.prompt_ids, "new_ids": trace.new_ids, "text": trace.text, "answer": trace.answer,
         "pieces": {str(k): v for k, v in trace.pieces.items()},
@@ -148,7 +148,7 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             raise UserError(f"{path}: its trace manifest is damaged (not a JSON object)")
         if manifest.get("format") != FORMAT or manifest.get("version") not in READS:
             raise UserError(f"{path}: unsupported trace format {manifest.get('format')!r} "
-                            f"version {manifest.get('version')!r} (this tool reads versions 1 to 3)")
+                            f"version {manifest.get('version')!r} (this tool reads versions 1 to 4)")
         return manifest, _read_blocks(f, header, 8 + header_len, size, damaged)
 
 
@@ -218,6 +218,8 @@ def load_trace(path: Path) -> Trace:
     manifest, tensors = _read(path)
     if manifest["version"] == 1:
         _v1_rules(manifest)
+    if manifest["version"] < 4 and isinstance(manifest.get("model"), dict):
+        manifest["model"].setdefault("source", "")
     check(manifest, MANIFEST)
     if manifest["version"] < 3:
         for entry in manifest["records"]:
@@ -238,4 +240,4 @@ def load_trace(path: Path) -> Trace:
                  prompt_ids=manifest["prompt_ids"], new_ids=manifest["new_ids"], text=manifest["text"],
                  answer=manifest["answer"], pieces={int(k): v for k, v in manifest["pieces"].items()},
                  records=records, capture=_capture_from(manifest["capture"]), seconds=manifest["seconds"],
-                 notes=manifest["notes"])
+                 notes=manifest["notes"], source=model["source"])
