@@ -255,6 +255,9 @@ def cmd_diagram(args, out: Console, err: Console) -> int:
     if not args.symbolic:
         model = _load(args, err)
         _check_view(args, model.config)
+        if model.tokenizer is None:
+            raise UserError(f"{model.name} comes without a tokenizer: draw it with run --tokens N --shapes-only "
+                            f"--diagram FILE")
         trace = traced_run(model, DEFAULT_PROMPT, max_new_tokens=1)
     if args.output:
         write_output(args.output, render(drawing(args.stage, trace, 0, args.layer), fmt), args.force)
