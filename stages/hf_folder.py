@@ -237,4 +237,6 @@ def read_hf(path: Path, dtype: torch.dtype = torch.float32, progress: Progress =
     files = len(_weight_files(folder)) if not shapes_only else 0
     source = (f"Hugging Face safetensors ({files} file{'s' if files != 1 else ''}) · wq/wk rows came in the "
               f"rotate-half layout, permuted into interleaved pairs at load") if files else "Hugging Face config.json"
+    if rope["rope_type"] == "llama3":
+        source += f" · RoPE frequencies scaled as Llama 3.1 does (factor {rope.get('factor')})"
     return Checkpoint(folder.name, config, weights, tokenizer, source, tied)
