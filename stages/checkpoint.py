@@ -5,7 +5,7 @@ a tokenizer, and a line saying where it all came from.
   a file starting with 'GGUF'              llama.cpp's format (stages.gguf_model)
   a folder with config.json                a Hugging Face model folder (stages.hf_folder)
   a folder with params.json                Meta's original download (stages.meta_folder)
-  config.json / params.json alone          the shapes only, no weights (stages.config_files)
+  config.json / params.json alone          the shapes only, no weights (read by the same two)
 """
 import json
 import os
