@@ -6,6 +6,7 @@ GGUF keeps Meta's interleaved-pair RoPE layout for wq and wk (llama.cpp's
 converter permutes Hugging Face weights back into it), so the rows are used
 as they are. Llama 3.1's RoPE scaling comes as the tensor rope_freqs.
 """
+import re
 from pathlib import Path
 
 import gguf
@@ -18,6 +19,10 @@ from .errors import UserError
 from .inputs import regular_file
 from .tokenizer import Tokenizer
 from .weights import LayerWeights, Weights
+
+# How the gguf package says that a tensor's type id is not one it knows (a type newer than the
+# package, or one llama.cpp has dropped, such as 31-33, the Q4_0_4_4 family).
+_UNKNOWN_TYPE = re.compile(r"(\d+)\)? is not a valid GGMLQuantizationType")
 
 # Our names (stages.weights) for llama.cpp's tensor names.
 _LAYER_TENSORS = {"attention_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v",
@@ -33,6 +38,10 @@ def open_gguf(path: Path) -> gguf.GGUFReader:
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # the library raises many kinds on a damaged file
+        unknown = _UNKNOWN_TYPE.search(str(e))
+        if unknown:
+            raise UserError(f"cannot read GGUF file {path}: it holds a tensor of type {unknown[1]}, which the "
+                            f"gguf package does not know (newer than it, or dropped by llama.cpp)") from None
         raise UserError(f"cannot read GGUF file {path}: {e}") from None
 
 
@@ -88,7 +97,8 @@ def _dequantize(tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     try:
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError:
-        raise UserError(f"unsupported quantization {tensor.tensor_type.name} in tensor {tensor.name}") from None
+        raise UserError(f"unsupported tensor type {tensor.tensor_type.name} in tensor {tensor.name}: the gguf "
+                        f"package cannot turn it into floating-point numbers") from None
     except Exception as e:  # a block size that does not divide, data cut short
         raise UserError(f"tensor {tensor.name} is damaged ({type(e).__name__}: {e})") from None
     if values.size != int(np.prod(shape)):
