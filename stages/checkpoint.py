@@ -8,7 +8,6 @@ a tokenizer, and a line saying where it all came from.
   config.json / params.json alone          the shapes only, no weights (read by the same two)
 """
 import json
-import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 from .config import ModelConfig
 from .errors import UserError
+from .inputs import file_mode, regular_file
 from .tokenizer import Tokenizer
 from .weights import Weights
 
@@ -38,7 +38,6 @@ class Checkpoint:
 
 def read_json(path: Path, what: str) -> dict:
     """A small JSON object from a model folder, with one clear line for every way it can be wrong."""
-    from .inputs import regular_file
     regular_file(path, what)
     if path.stat().st_size > MAX_JSON_BYTES:
         raise UserError(f"{path} is too large to be a {what} ({path.stat().st_size} bytes)")
@@ -53,12 +52,7 @@ def read_json(path: Path, what: str) -> dict:
 
 def kind_of(path: Path) -> str:
     """'gguf', 'hf', 'meta', 'hf-config' or 'meta-config': what the path holds."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise UserError(f"model not found: {path}") from None
-    except OSError as e:
-        raise UserError(f"cannot open the model {path}: {e.strerror or e}") from None
+    mode = file_mode(path, "model")
     if stat.S_ISDIR(mode):
         if (path / "config.json").exists():
             return "hf"
