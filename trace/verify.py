@@ -167,9 +167,11 @@ def hf_stage_tensors(hf: LlamaForCausalLM, ids: list[int]) -> dict[tuple[int, st
     finally:
         for h in hooks:
             h.remove()
+    # newer transformers call the output's past_key_values `cache` (the old name still works, with a warning)
+    caches = out["cache"] if "cache" in out else out["past_key_values"]
     for i in range(c.num_hidden_layers):
         found[(13, "scores (softmax)", i)] = out.attentions[i][0]
-        cache = out.past_key_values.layers[i]
+        cache = caches.layers[i]
         found[(11, "cache_k", i)] = to_interleaved(cache.keys[0].transpose(0, 1), head_dim)  # (T, Hkv, Dh)
         found[(11, "cache_v", i)] = cache.values[0].transpose(0, 1)
         for name in ("xq", "xk", "xv"):  # stage 9 splits the last dimension into heads: the same numbers
