@@ -7,10 +7,12 @@ import torch
 from .config import TINY, ModelConfig
 from .embedded import NAME as EMBEDDED_NAME, embedded_model_path
 from .errors import UserError
-from .generate import check_length, forward_step, generate
+from .forward import forward_step
+from .generate import check_length, generate
 from .checkpoint import read_checkpoint
 from .model import Model, resolve_device
 from .output import Sampling
+from .pipelines import PIPELINES, PLAIN, Pipeline
 from .presets import PRESETS, read_preset
 from .registry import NOTATION, STAGES, stage
 from .text import tokenize
@@ -42,5 +44,5 @@ def load_model(path: str | Path | None = None, device: str = "auto", dtype: str 
                        torch_dtype, checkpoint.source)
 
 
-__all__ = ["DTYPES", "Model", "ModelConfig", "NOTATION", "STAGES", "Sampling", "TINY", "UserError", "check_length", "forward_step",
+__all__ = ["DTYPES", "Model", "ModelConfig", "NOTATION", "PIPELINES", "PLAIN", "Pipeline", "STAGES", "Sampling", "TINY", "UserError", "check_length", "forward_step",
            "generate", "load_model", "stage", "tokenize"]

@@ -108,7 +108,13 @@ def attention(x: torch.Tensor, layer: LayerWeights, cache: KVCache, freqs_cis: t
     xq, xk, xv = calculate_xq_xk_xv(x, layer.wq, layer.wk, layer.wv)
     xq, xk, xv = do_reshapings(xq, xk, xv, head_dim)
     xq, xk = apply_rotary_embeddings(xq, xk, freqs_cis)
+    return record(7, "attention output", attend(xq, xk, xv, cache, start_pos, n_rep, layer.wo))
+
+
+def attend(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, cache: KVCache, start_pos: int, n_rep: int,
+           wo: torch.Tensor) -> torch.Tensor:
+    """Stages 11 to 14. rotated xq (T, H, Dh), xk (T, Hkv, Dh), xv (T, Hkv, Dh) -> attention output (T, D)."""
     keys, values = update_kv_cache(cache, xk, xv, start_pos)
     xq, keys, values = do_transposes(xq, keys, values, n_rep)
-    probs = calculate_scores(xq, keys, causal_mask(x.shape[0], start_pos, x.device))
-    return record(7, "attention output", calculate_output(probs, values, layer.wo))
+    probs = calculate_scores(xq, keys, causal_mask(xq.shape[1], start_pos, xq.device))
+    return calculate_output(probs, values, wo)

@@ -3,24 +3,13 @@ from typing import Callable
 
 import torch
 
-from .block import forward_through_blocks
-from .embedding import create_input_tensor
 from .errors import UserError
 from .hooks import at, record
 from .kv_cache import KVCache
 from .model import Model
-from .output import Sampling, forward_output
+from .output import Sampling
+from .pipelines import PLAIN, Pipeline
 from .text import create_tokens_tensor
-
-
-def forward_step(model: Model, tokens: torch.Tensor, start_pos: int, caches: list[KVCache],
-                 sampling: Sampling, generator: torch.Generator | None) -> tuple[int | None, torch.Tensor]:
-    """One pass of the model over tokens[P:P+T] (T) -> (next id, logits (V)): stages 4, 5 and 19."""
-    config, weights = model.config, model.weights
-    x = create_input_tensor(tokens, weights.tok_embeddings)  # (T, D)
-    freqs_cis = model.rotations(start_pos + tokens.shape[0])[start_pos:]  # (T, Dh/2)
-    h = forward_through_blocks(x, weights.layers, caches, freqs_cis, start_pos, config)  # (T, D)
-    return forward_output(h, weights.norm, weights.output, config.norm_eps, sampling, generator)
 
 
 def check_length(prompt_len: int, max_new_tokens: int, context: int) -> None:
@@ -35,13 +24,14 @@ def check_length(prompt_len: int, max_new_tokens: int, context: int) -> None:
 
 
 def generate(model: Model, prompt_ids: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
-             on_token: Callable[[int], None] | None = None) -> list[int]:
+             on_token: Callable[[int], None] | None = None, pipeline: Pipeline = PLAIN) -> list[int]:
     """Stage 3. tokens (S) -> tokens[P:P+T] (T) each step -> the new ids.
 
     Step 0 feeds the whole prompt (P = 0, T = T0); each later step feeds the
     token chosen by the step before (T = 1) while P counts the cached positions.
     Stops after max_new_tokens, or after a token that ends the model's turn. On the meta device
-    (shapes only) the prompt step runs, and no token is chosen.
+    (shapes only) the prompt step runs, and no token is chosen. Each step is `pipeline`'s pass
+    through the model: the plain stages, or another implementation of the same computation.
     """
     check_length(len(prompt_ids), max_new_tokens, model.config.max_seq_len)
     max_len = len(prompt_ids) + max_new_tokens
@@ -60,7 +50,7 @@ def generate(model: Model, prompt_ids: list[int], max_new_tokens: int, sampling:
             at(step=step, layer=None)
             record(3, "tokens", tokens, copy=True)
             feed = record(3, "tokens[P:P+T]", tokens[start_pos:start_pos + T])  # (T)
-            next_id, _ = forward_step(model, feed, start_pos, caches, sampling, generator)
+            next_id, _ = pipeline.forward_step(model, feed, start_pos, caches, sampling, generator)
             if next_id is None:
                 break
             tokens[start_pos + T] = next_id

@@ -25,7 +25,7 @@ from .weights import LayerWeights, Weights
 _UNKNOWN_TYPE = re.compile(r"(\d+)\)? is not a valid GGMLQuantizationType")
 
 # Our names (stages.weights) for llama.cpp's tensor names.
-_LAYER_TENSORS = {"attention_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v",
+LAYER_TENSORS = {"attention_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v",
                   "wo": "attn_output", "ffn_norm": "ffn_norm", "w1": "ffn_gate", "w3": "ffn_up", "w2": "ffn_down"}
 
 
@@ -135,7 +135,7 @@ def load_weights(reader: gguf.GGUFReader, config: ModelConfig, dtype: torch.dtyp
               "w3": (c.ffn_dim, c.dim), "w2": (c.dim, c.ffn_dim)}
     tok_embeddings = take("token_embd.weight", c.vocab_size, c.dim)  # (V, D)
     layers = [LayerWeights(**{ours: take(f"blk.{i}.{theirs}.weight", *shapes[ours])
-                              for ours, theirs in _LAYER_TENSORS.items()})
+                              for ours, theirs in LAYER_TENSORS.items()})
               for i in range(c.n_layers)]
     # Models with tied embeddings (SmolLM2) have no output.weight: the head reuses the table.
     output = take("output.weight", c.vocab_size, c.dim) if "output.weight" in tensors else tok_embeddings

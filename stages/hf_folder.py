@@ -19,7 +19,7 @@ from .tokenizer import Tokenizer
 from .weights import LayerWeights, Weights
 
 # Our names (stages.weights) for the tensors of one block, under model.layers.N.
-_LAYER_TENSORS = {"attention_norm": "input_layernorm", "wq": "self_attn.q_proj", "wk": "self_attn.k_proj",
+LAYER_TENSORS = {"attention_norm": "input_layernorm", "wq": "self_attn.q_proj", "wk": "self_attn.k_proj",
                   "wv": "self_attn.v_proj", "wo": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
                   "w1": "mlp.gate_proj", "w3": "mlp.up_proj", "w2": "mlp.down_proj"}
 MAX_TOKENIZER_BYTES = 1 << 28
@@ -150,7 +150,7 @@ def load_weights(folder: Path, config: ModelConfig, tied: bool, dtype: torch.dty
               "w2": (c.dim, c.ffn_dim)}
     layers = []
     for i in range(c.n_layers):
-        w = {ours: take(f"model.layers.{i}.{theirs}.weight", *shapes[ours]) for ours, theirs in _LAYER_TENSORS.items()}
+        w = {ours: take(f"model.layers.{i}.{theirs}.weight", *shapes[ours]) for ours, theirs in LAYER_TENSORS.items()}
         w["wq"], w["wk"] = interleave_rows(w["wq"], c.n_heads), interleave_rows(w["wk"], c.n_kv_heads)
         layers.append(LayerWeights(**w))
     tok_embeddings = take("model.embed_tokens.weight", c.vocab_size, c.dim)

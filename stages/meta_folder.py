@@ -35,7 +35,7 @@ LLAMA2_VOCAB = 32000  # V where params.json says -1 and no tokenizer.model is th
 # Our names (stages.weights) for the tensors of one block, under layers.N, and how Meta's model-parallel
 # layers slice each among the shards: column-parallel ones by output rows (dim 0), row-parallel ones by
 # input columns (dim 1); norms are whole in every shard (None).
-_LAYER_TENSORS = {"attention_norm": ("attention_norm", None), "wq": ("attention.wq", 0), "wk": ("attention.wk", 0),
+LAYER_TENSORS = {"attention_norm": ("attention_norm", None), "wq": ("attention.wq", 0), "wk": ("attention.wk", 0),
                   "wv": ("attention.wv", 0), "wo": ("attention.wo", 1), "ffn_norm": ("ffn_norm", None),
                   "w1": ("feed_forward.w1", 0), "w3": ("feed_forward.w3", 0), "w2": ("feed_forward.w2", 1)}
 _SHARD_NAME = re.compile(r"consolidated\.(\d+)\.pth")
@@ -208,7 +208,7 @@ class Shards:
 
 
 def _expected_names(n_layers: int) -> list[str]:
-    layers = [f"layers.{i}.{theirs}.weight" for i in range(n_layers) for theirs, _ in _LAYER_TENSORS.values()]
+    layers = [f"layers.{i}.{theirs}.weight" for i in range(n_layers) for theirs, _ in LAYER_TENSORS.values()]
     return ["tok_embeddings.weight", *layers, "norm.weight", "output.weight"]
 
 
@@ -243,7 +243,7 @@ def load_weights(shards: Shards, raw: dict, where: Path, dtype: torch.dtype,
               "w2": (c.dim, c.ffn_dim)}
     tok_embeddings = take("tok_embeddings.weight", embedding_axis, c.vocab_size, c.dim)  # (V, D)
     layers = [LayerWeights(**{ours: take(f"layers.{i}.{theirs}.weight", axis, *shapes[ours])
-                              for ours, (theirs, axis) in _LAYER_TENSORS.items()})
+                              for ours, (theirs, axis) in LAYER_TENSORS.items()})
               for i in range(c.n_layers)]
     norm = take("norm.weight", None, c.dim)
     output = take("output.weight", 0, c.vocab_size, c.dim)  # (V, D), sliced by rows like every column-parallel layer

@@ -1,5 +1,6 @@
 """A loaded model: its config, its weights on a device, its tokenizer."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
@@ -18,6 +19,7 @@ class Model:
     tokenizer: Tokenizer | None
     source: str = ""  # the checkpoint's format, and the RoPE layout its wq/wk rows came in
     _freqs_cis: torch.Tensor | None = None  # (positions so far, Dh/2) complex64, on the weights' device
+    _prepared: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, name: str, config: ModelConfig, weights: Weights, tokenizer: Tokenizer | None,
@@ -31,6 +33,12 @@ class Model:
             self._freqs_cis = precompute_freqs_cis(self.config.head_dim, end, self.config.rope_theta,
                                                    self.weights.rope_freqs).to(self.device)
         return self._freqs_cis[:end]
+
+    def prepared(self, key: str, make: Callable[[], Any]) -> Any:
+        """The weights in the form another implementation runs on (e.g. packed), made once per model."""
+        if key not in self._prepared:
+            self._prepared[key] = make()
+        return self._prepared[key]
 
     @property
     def device(self) -> torch.device:

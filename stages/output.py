@@ -61,6 +61,12 @@ def forward_output(h: torch.Tensor, norm: torch.Tensor, output: torch.Tensor, ep
     record(19, "out", h)
     record(19, "norm", norm)
     normalized = record(19, "normalized out", rms_norm(h, norm, eps))
+    return choose_next(normalized, output, sampling, generator)
+
+
+def choose_next(normalized: torch.Tensor, output: torch.Tensor, sampling: Sampling,
+                generator: torch.Generator | None) -> tuple[int | None, torch.Tensor]:
+    """The rest of stage 19: normalized out (T, D) -> last row · outputᵀ -> logits (V), float32 -> next id."""
     record(19, "output", output)
     logits = record(19, "logits", F.linear(normalized[-1], output).float())  # (V)
     if not logits.is_meta and not torch.isfinite(logits).all():

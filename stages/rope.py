@@ -19,6 +19,7 @@ import torch
 from .hooks import record
 
 LAYOUT = "interleaved pairs (x[2i], x[2i+1])"
+PAIRS = {"interleaved": "pairs (x[2i], x[2i+1])", "rotate-half": "pairs (x[i], x[i+Dh/2])"}  # by layout
 
 
 def base_frequencies(head_dim: int, theta: float) -> torch.Tensor:
@@ -49,6 +50,19 @@ def precompute_freqs_cis(head_dim: int, max_len: int, theta: float,
         inv_freq = inv_freq / freq_factors.float().cpu()
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (max_len, Dh/2)
     return torch.polar(torch.ones_like(angles), angles)
+
+
+def reorder(x: torch.Tensor, head_dim: int, to: str, dim: int = -1) -> torch.Tensor:
+    """`x` with each head's Dh numbers along `dim` put in the other RoPE layout: to 'rotate-half'
+    from interleaved pairs (pair i at 2i, 2i+1 -> at i, i+Dh/2), to 'interleaved' the way back.
+    No number changes; this is how one layout's queries and keys are compared with the other's."""
+    order = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)])  # interleaved -> halves
+    if to == "interleaved":
+        order = torch.argsort(order)
+    elif to != "rotate-half":
+        raise ValueError(f"unknown RoPE layout {to!r}")
+    heads = x.movedim(dim, -1).unflatten(-1, (-1, head_dim))  # (..., heads, Dh)
+    return heads[..., order.to(x.device)].flatten(-2).movedim(-1, dim)
 
 
 def _rotate(stage_name: str, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:

@@ -1,16 +1,17 @@
 """Running our stages with everything recorded, for comparisons."""
 import torch
 
-from stages import Sampling, generate
+from stages import PLAIN, Pipeline, Sampling, generate
 from stages.hooks import recording
 from trace.recorder import Capture, Recorder
 
 
-def record_run(model, ids: list[int], max_new_tokens: int, sampling: Sampling = Sampling()):
+def record_run(model, ids: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
+               pipeline: Pipeline = PLAIN):
     """(new ids, {(stage, name, layer, step): values}) with every value kept."""
-    recorder = Recorder(Capture.everything())
+    recorder = Recorder(Capture.everything(), pipeline)
     with recording(recorder):
-        new_ids = generate(model, ids, max_new_tokens, sampling)
+        new_ids = generate(model, ids, max_new_tokens, sampling, pipeline=pipeline)
     return new_ids, {(r.stage, r.name, r.layer, r.step): r.values for r in recorder.records}
 
 

@@ -13,7 +13,7 @@ from .recorder import Capture
 
 INTEGER = {"token ids", "tokens", "tokens[P:P+T]", "next token"}
 COMPLEX = {"xq (complex)", "xk (complex)"}
-FLOAT32 = {"logits", "probs", "mask"}
+FLOAT32 = {"logits", "probs", "mask", "cos", "sin", "xq (rotate_half)", "xk (rotate_half)"}
 
 
 def _numel(symbolic: str, sizes: dict[str, int]) -> int:
@@ -22,21 +22,21 @@ def _numel(symbolic: str, sizes: dict[str, int]) -> int:
     return math.prod(eval(d.replace("·", "*").replace("/", "//"), {"__builtins__": {}}, sizes) for d in dims)
 
 
-def _memory_of(stage: Stage, name: str, layer: int | None) -> tuple[int, str, int | None]:
+def _memory_of(stages: tuple[Stage, ...], stage: Stage, name: str, layer: int | None) -> tuple[int, str, int | None]:
     """(stage, tensor, layer) that first made the memory a record shows: views lead to what they
     view, inputs to the latest earlier stage that made a tensor of that name."""
     spec = stage.spec(name)
     if spec.view_of == "out":  # the block's input: the output of the block before, or the embeddings
         return (18, "out", layer - 1) if layer else (4, "x", None)
     if spec.view_of and spec.view_of != name and spec.view_of in {t.name for t in stage.tensors}:
-        return _memory_of(stage, spec.view_of, layer)
+        return _memory_of(stages, stage, spec.view_of, layer)
     wanted = spec.view_of or name
     if spec.role == "in" or spec.view_of:
-        others = [s for s in STAGES if s.number != stage.number and
+        others = [s for s in stages if s.number != stage.number and
                   (s.number < stage.number or spec.view_of == name)]
         for other in reversed(others):
             if any(t.name == wanted and t.role != "in" for t in other.tensors):
-                return _memory_of(other, wanted, layer if other.scope == "layer" else None)
+                return _memory_of(stages, other, wanted, layer if other.scope == "layer" else None)
     return stage.number, name, layer
 
 
@@ -52,7 +52,7 @@ def _step_groups(capture: Capture, n_steps: int) -> list[tuple[int, int]]:
 
 
 def estimate_bytes(config: ModelConfig, prompt_len: int, max_new_tokens: int, capture: Capture,
-                   dtype: torch.dtype = torch.float32) -> int:
+                   dtype: torch.dtype = torch.float32, stages: tuple[Stage, ...] = STAGES) -> int:
     """An estimate of the values a run keeps if it generates all max_new_tokens (an upper bound
     when it stops earlier). Each piece of memory counts once, however many records show it;
     weights (their corners), stages 1-3 and statistics are left out: they are small.
@@ -71,10 +71,10 @@ def estimate_bytes(config: ModelConfig, prompt_len: int, max_new_tokens: int, ca
         "the cache (S, Hkv, Dh)": (S * config.n_kv_heads * config.head_dim * itemsize["float"], True),
         "the table of every position": (S * config.head_dim // 2 * 8, False)}
     records = []  # (stage, tensor, layer, where its memory comes from), every record one step makes
-    for stage in STAGES[3:]:
+    for stage in stages[3:]:
         for spec in (spec for spec in stage.tensors if spec.role != "weight"):
             for layer in range(config.n_layers) if stage.scope == "layer" else [None]:
-                records.append((stage.number, spec.name, layer, _memory_of(stage, spec.name, layer)))
+                records.append((stage.number, spec.name, layer, _memory_of(stages, stage, spec.name, layer)))
 
     def step_bytes(origins: set, P: int, T: int) -> int:
         sizes.update(P=P, T=T)
@@ -82,7 +82,7 @@ def estimate_bytes(config: ModelConfig, prompt_len: int, max_new_tokens: int, ca
         for origin in origins:
             kind = ("int" if origin[1] in INTEGER else "complex" if origin[1] in COMPLEX
                     else "float32" if origin[1] in FLOAT32 else "float")
-            total += _numel(STAGES[origin[0] - 1].spec(origin[1]).shape, sizes) * itemsize[kind]
+            total += _numel(stages[origin[0] - 1].spec(origin[1]).shape, sizes) * itemsize[kind]
         return total
 
     total, counted_blocks = 0, set()
@@ -91,7 +91,7 @@ def estimate_bytes(config: ModelConfig, prompt_len: int, max_new_tokens: int, ca
         for stage, name, layer, origin in records:
             if (name == "mask" and first > 0) or not capture.keeps(stage, first, layer):
                 continue
-            block = STAGES[origin[0] - 1].spec(origin[1]).view_of
+            block = stages[origin[0] - 1].spec(origin[1]).view_of
             if block not in blocks:
                 origins.add(origin)
                 continue

@@ -12,7 +12,8 @@ from html import escape
 import graphviz
 
 from stages import UserError
-from stages.registry import STAGES, Stage, TensorSpec, readers, stage as stage_info
+from stages.pipelines import N_STAGES, PIPELINES, PLAIN, Pipeline
+from stages.registry import Stage, TensorSpec
 
 from .recorder import TensorRecord
 from .run import Trace
@@ -28,7 +29,7 @@ DIMMED = {"fillcolor": "#eceff1", "fontcolor": "#90a4ae", "color": "#cfd8dc"}  #
 FLOW = {"color": "#455a64"}
 RESIDUAL = {"color": "#d32f2f", "penwidth": "2.2"}  # the skip arrows of the residual stream, red as in the originals
 FRAME_LABEL_ON_TOP = {"labelloc": "t", "labeljust": "l"}
-MODULES = {stage_info(7).inner: "Multi-Head Self-Attention Module", range(17, 18): "Feed-Forward Module"}
+MODULES = {range(8, 15): "Multi-Head Self-Attention Module", range(17, 18): "Feed-Forward Module"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class Context:
     records: list[TensorRecord] | None = None
     where: str = ""  # e.g. "step 0 (prompt: P=0, T=37)"
     here: int | None = None  # the stage the complete-model drawing lights up
+    pipeline: Pipeline = PLAIN  # whose stages are drawn
 
     def record(self, stage: int, name: str) -> TensorRecord | None:
         return next((r for r in self.records or () if r.stage == stage and r.name == name), None)
@@ -129,27 +131,27 @@ def _draw_stage_body(g: graphviz.Digraph, stage: Stage, ctx: Context, present: l
                 _up(g, f"op{i}", _node_id(name))
 
 
-def _source_label(source: int, number: int) -> str:
-    later = " of the block before" if source > number else ""  # the loop over blocks comes back
-    return f"... stage {source}: {stage_info(source).short}{later}"
+def _source_label(source: Stage, number: int) -> str:
+    later = " of the block before" if source.number > number else ""  # the loop over blocks comes back
+    return f"... stage {source.number}: {source.short}{later}"
 
 
-def _draw_data_flow(g: graphviz.Digraph, stage: Stage, present: list[TensorSpec]) -> None:
+def _draw_data_flow(g: graphviz.Digraph, stage: Stage, present: list[TensorSpec], pipeline: Pipeline) -> None:
     """Each input from the stage that makes it, each tensor to the stages that read it: the
     residual stream's skips in red."""
     boxes = set()
     sources = [source for spec in present for source in spec.sources]
     _keep_in_order(g, "sources", [f"from{n}" for n in dict.fromkeys(sources)], below=True)
-    targets = [reader.number for spec in present for reader, _ in readers(stage.number, spec.name)]
+    targets = [reader.number for spec in present for reader, _ in pipeline.readers(stage.number, spec.name)]
     _keep_in_order(g, "readers", [f"to{n}" for n in dict.fromkeys(targets)], below=False)
     for spec in present:
         for source in spec.sources:
             if source not in boxes:
                 boxes.add(source)
-                g.node(f"from{source}", _source_label(source, stage.number), fillcolor=ELSEWHERE_FILL)
+                g.node(f"from{source}", _source_label(pipeline.stage(source), stage.number), fillcolor=ELSEWHERE_FILL)
             # Two ranks down: below the invisible node that orders the inputs, outside "You are here".
             _up(g, f"from{source}", _node_id(spec.name), minlen="2", **(RESIDUAL if spec.residual else FLOW))
-        for reader, reader_spec in readers(stage.number, spec.name):
+        for reader, reader_spec in pipeline.readers(stage.number, spec.name):
             if -reader.number not in boxes:
                 boxes.add(-reader.number)
                 g.node(f"to{reader.number}", f"stage {reader.number}: {reader.short} ...", fillcolor=ELSEWHERE_FILL)
@@ -170,14 +172,14 @@ def _legend(g: graphviz.Digraph) -> None:
 
 def stage_diagram(number: int, ctx: Context) -> graphviz.Digraph:
     """One stage, inside its frames, with "..." boxes for the stages its tensors come from and go to."""
-    stage = stage_info(number)
+    stage = ctx.pipeline.stage(number)
     g = _new_graph(f"Stage {stage.number}: {stage.title}", ctx.where or "symbolic shapes (no run)")
     frames = _frames(stage, ctx)
     present = _present(stage, ctx)
 
     def nest(parent: graphviz.Digraph, depth: int):
         if depth == len(frames):
-            _draw_data_flow(parent, stage, present)
+            _draw_data_flow(parent, stage, present, ctx.pipeline)
             with parent.subgraph(name="cluster_here") as here:
                 here.attr(label="You are here", style="filled,dashed", fillcolor=HERE_FILL, color="#37474f",
                           fontcolor="#c62828", fontsize="14", penwidth="2", **FRAME_LABEL_ON_TOP)
@@ -208,13 +210,13 @@ def _stage_box(stage: Stage, ctx: Context, dimmed: bool) -> str:
     return f'<<table{border} cellborder="0" cellspacing="1" cellpadding="3">{"".join(rows)}</table>>'
 
 
-def _model_edges(g: graphviz.Digraph) -> None:
+def _model_edges(g: graphviz.Digraph, pipeline: Pipeline) -> None:
     """Every tensor from the stage that makes it to the stages that read it (the registry's data
     flow): the residual stream's skips in red, the loops dashed."""
-    for stage in STAGES:
+    for stage in pipeline.stages:
         flows = {}
         for spec in stage.tensors:
-            for reader, reader_spec in readers(stage.number, spec.name):
+            for reader, reader_spec in pipeline.readers(stage.number, spec.name):
                 flows[reader.number] = flows.get(reader.number, False) or reader_spec.residual
         for number, residual in flows.items():
             attrs = dict(RESIDUAL if residual else FLOW)
@@ -232,7 +234,7 @@ def model_diagram(ctx: Context) -> graphviz.Digraph:
 
     def boxes(frame: graphviz.Digraph, numbers) -> None:
         for n in numbers:
-            frame.node(f"s{n}", _stage_box(stage_info(n), ctx, dimmed=ctx.here not in (None, n)))
+            frame.node(f"s{n}", _stage_box(ctx.pipeline.stage(n), ctx, dimmed=ctx.here not in (None, n)))
 
     with g.subgraph(name="cluster_engine") as engine:
         engine.attr(label="Inference engine", style="filled", fillcolor=FRAME_FILL[0], color="#78909c",
@@ -245,26 +247,53 @@ def model_diagram(ctx: Context) -> graphviz.Digraph:
                 block.attr(label=f"Transformer Block (Layer {ctx.layer}; L blocks in all)", fillcolor=FRAME_FILL[2])
                 boxes(block, (5, 6, 15, 16, 18))
                 with block.subgraph(name="cluster_attention") as attention:
-                    attention.attr(label=MODULES[stage_info(7).inner], fillcolor=FRAME_FILL[0])
+                    attention.attr(label=MODULES[range(8, 15)], fillcolor=FRAME_FILL[0])
                     boxes(attention, range(7, 15))
                 with block.subgraph(name="cluster_ffn") as ffn:
                     ffn.attr(label=MODULES[range(17, 18)], fillcolor=FRAME_FILL[0])
                     boxes(ffn, (17,))
-    _model_edges(g)
+    _model_edges(g, ctx.pipeline)
     _legend(g)
     return g
 
 
+def packing_diagram(pipeline: Pipeline, trace: Trace | None) -> graphviz.Digraph:
+    """The checkpoint's tensors of one layer flowing into the packed weights they are stacked into."""
+    where = f"{trace.model_name}: concrete rows" if trace else "symbolic shapes (no run)"
+    g = _new_graph(f"How --impl {pipeline.name} makes its weights: {pipeline.title}", where)
+    parts = pipeline.packed_parts(trace.config if trace else None)
+    for packed in dict.fromkeys(p.packed for p in parts):
+        members = [p for p in parts if p.packed == packed]
+        shape = next(t.shape for s in pipeline.stages for t in s.tensors if t.name == packed)
+        total = f"{members[-1].rows.stop} rows" if trace else ""
+        g.node(_node_id(packed), f"<<table border=\"0\" cellborder=\"0\" cellpadding=\"3\" bgcolor=\"{TENSOR_FILL['weight']}\">"
+               f"<tr><td>{_white('Packed weight: ' + packed, bold=True)}</td></tr>"
+               f"<tr><td>{_white(shape + ('  ' + total if total else ''))}</td></tr></table>>", shape="plain", style="")
+        op_id = f"cat_{packed}"
+        g.node(op_id, "concatenate rows, in this order", fillcolor=OP_FILL, fontcolor="white", style="rounded,filled")
+        _up(g, op_id, _node_id(packed))
+        for p in members:
+            rows = f"rows {p.rows.start}-{p.rows.stop - 1}" if p.rows is not None else ""
+            lines = [f"<tr><td>{_white(p.name + ' ' + p.shape, bold=True)}</td></tr>"]
+            lines += [f"<tr><td>{_white(name)}</td></tr>" for name in p.checkpoint_names]
+            lines.append(f"<tr><td>{_white(p.row_order + ('; ' + rows if rows else ''))}</td></tr>")
+            g.node(_node_id(packed + p.name), f"<<table border=\"0\" cellborder=\"0\" cellpadding=\"2\" "
+                   f"bgcolor=\"{TENSOR_FILL['out']}\">{''.join(lines)}</table>>", shape="plain", style="")
+            _up(g, _node_id(packed + p.name), op_id)
+    return g
+
+
 def drawing(number: int | None, trace: Trace | None, step: int = 0, layer: int = 0,
-            here: int | None = None) -> graphviz.Digraph:
+            here: int | None = None, pipeline: Pipeline = PLAIN) -> graphviz.Digraph:
     """Stage `number`, or the complete model when None (with stage `here` lit and the rest dimmed,
-    when given); with a trace's dtypes and shapes when given."""
-    if here is not None and not 1 <= here <= len(STAGES):
-        raise UserError(f"there is no stage {here}: stages are numbered 1-{len(STAGES)}")
+    when given); with a trace's dtypes and shapes when given, else the stages of `pipeline`."""
+    if here is not None and not 1 <= here <= N_STAGES:
+        raise UserError(f"there is no stage {here}: stages are numbered 1-{N_STAGES}")
     if trace is None:
-        ctx = Context("any LLaMA model", layer, here=here)
+        ctx = Context("any LLaMA model", layer, here=here, pipeline=pipeline)
     else:
-        ctx = Context(trace.model_name, layer, trace.select(step, layer), trace.describe(step, layer), here)
+        where = trace.describe(step, layer) + ("" if trace.pipeline == PLAIN.name else f" · --impl {trace.pipeline}")
+        ctx = Context(trace.model_name, layer, trace.select(step, layer), where, here, PIPELINES[trace.pipeline])
     return model_diagram(ctx) if number is None else stage_diagram(number, ctx)
 
 

@@ -4,7 +4,6 @@ import ipywidgets as widgets
 from IPython.display import display
 
 from stages import UserError
-from stages.registry import STAGES
 
 from .plots import stage_figure
 from .run import Trace
@@ -26,7 +25,7 @@ def view(trace: Trace, stage: int, step: int, layer: int, head: int, figure: boo
 def explorer(trace: Trace, stage: int = 13, figure: bool = True) -> widgets.VBox:
     """Controls for stage, step, layer and head above what `view` shows for them."""
     controls = {
-        "stage": widgets.Dropdown(options=[(f"{s.number}. {s.short}", s.number) for s in STAGES], value=stage,
+        "stage": widgets.Dropdown(options=[(f"{s.number}. {s.short}", s.number) for s in trace.stages], value=stage,
                                   description="stage"),
         "step": widgets.IntSlider(0, 0, max(trace.n_steps - 1, 0), description="step"),
         "layer": widgets.IntSlider(0, 0, trace.config.n_layers - 1, description="layer"),

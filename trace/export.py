@@ -1,7 +1,7 @@
 """The information the tables show, as plain data for `--json`."""
 from dataclasses import asdict
 
-from stages.registry import STAGES, stage as stage_info
+from stages.pipelines import PLAIN, Pipeline
 
 from .recorder import TensorRecord
 from .run import Trace
@@ -19,12 +19,12 @@ def _tensor(r: TensorRecord, with_values: bool) -> dict:
 
 def trace_to_json(trace: Trace, step: int, layer: int, stage: int | None) -> dict:
     P, T = trace.positions(step)
-    chosen = [stage_info(stage)] if stage else STAGES
+    chosen = [trace.stage(stage)] if stage else trace.stages
     records = trace.select(step, layer)
     return {
         "model": {"name": trace.model_name, "config": asdict(trace.config), "device": trace.device,
                   "dtype": trace.dtype, "source": trace.source},
-        "shapes_only": trace.shapes_only, "prompt": trace.prompt, "chat_template": trace.chat, "sampling": asdict(trace.sampling),
+        "implementation": trace.pipeline, "shapes_only": trace.shapes_only, "prompt": trace.prompt, "chat_template": trace.chat, "sampling": asdict(trace.sampling),
         "prompt_ids": trace.prompt_ids, "pieces": [trace.piece(i) for i in trace.prompt_ids],
         "generated_ids": trace.new_ids,
         "text": trace.text, "steps": trace.n_steps, "seconds": round(trace.seconds, 3),
@@ -36,8 +36,8 @@ def trace_to_json(trace: Trace, step: int, layer: int, stage: int | None) -> dic
     }
 
 
-def stages_to_json() -> list[dict]:
+def stages_to_json(pipeline: Pipeline = PLAIN) -> list[dict]:
     return [{"number": s.number, "title": s.title, "short": s.short, "scope": s.scope,
              "explanation": s.explanation,
              "tensors": [{"name": t.name, "role": t.role, "symbolic_shape": t.shape} for t in s.tensors]}
-            for s in STAGES]
+            for s in pipeline.stages]

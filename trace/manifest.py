@@ -28,7 +28,7 @@ MANIFEST = {
                                       "vocab_size": int, "ffn_dim": int, "norm_eps": float, "rope_theta": float,
                                       "max_seq_len": int},
               "device": str, "dtype": str, "source": str},
-    "prompt": str, "chat": bool,
+    "implementation": str, "prompt": str, "chat": bool,
     "sampling": {"temperature": float, "top_k": int, "top_p": float, "seed": (int, None)},
     "prompt_ids": [int], "new_ids": [int], "text": str, "answer": str, "pieces": Map(str, str),
     "capture": {"rules": [RULE], "max_bytes": (int, None), "store_dtype": (str, None)},

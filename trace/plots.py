@@ -11,7 +11,6 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from stages import UserError
-from stages.registry import stage as stage_info
 
 from .recorder import Ranges, Rule, TensorRecord
 from .run import Trace
@@ -22,6 +21,7 @@ PLOT_FORMATS = ("png", "svg", "pdf")
 MAX_TICKS = 40  # at most this many labels on an axis: beyond, every k-th
 TICK_FONT = 7
 CLIP_PERCENTILE = 99.5
+FIGURE_NEEDS = {10: {"freqs_cis", "xq (reshaped)", "xq (rotated)"}, 17: {"gate", "up", "gate * up"}}
 
 
 def rules_for_plot(stage: int, step: int, layer: int) -> tuple[Rule, ...]:
@@ -271,7 +271,7 @@ class Figures:
 
     # Every other stage ---------------------------------------------------
     def main_tensor(self, number: int) -> Figure:
-        stage = stage_info(number)
+        stage = self.trace.stage(number)
         record = self.get(number, stage.main)
         matrix, rows, cols, what = as_matrix(record, self.head, self.config.n_rep)
         fig = self.figure(14, 7, f"Stage {number}: {stage.title}")
@@ -291,7 +291,11 @@ def stage_figure(trace: Trace, stage: int, step: int, layer: int, head: int) -> 
     f = Figures(trace, step, layer, head)
     special = {4: f.embeddings, 10: f.rotary, 11: f.kv_cache, 12: f.kv_cache, 13: f.scores,
                15: f.residual_stream, 17: f.ffn, 18: f.residual_stream, 19: f.next_token}
-    return special[stage]() if stage in special else f.main_tensor(stage)
+    # A figure drawn on tensors that the implementation that ran does not have gives way to the main tensor's.
+    shown = {t.name for t in trace.stage(stage).tensors}
+    if stage in special and FIGURE_NEEDS.get(stage, set()) <= shown:
+        return special[stage]()
+    return f.main_tensor(stage)
 
 
 def figure_bytes(fig: Figure, fmt: str = "png") -> bytes:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from stages.registry import stage as stage_info
+from stages.pipelines import PLAIN, Pipeline
 
 STAT_NAMES = ("min", "max", "mean", "std")
 WEIGHT_CORNER = (8, 16)  # rows, columns of a weight kept for previews
@@ -143,8 +143,8 @@ class Capture:
 
 
 class Recorder:
-    def __init__(self, capture: Capture = Capture()):
-        self.capture = capture
+    def __init__(self, capture: Capture = Capture(), pipeline: Pipeline = PLAIN):
+        self.capture, self.pipeline = capture, pipeline
         self.records: list[TensorRecord] = []
         self.step: int | None = None
         self.layer: int | None = None
@@ -198,7 +198,7 @@ class Recorder:
         return self._converted[key].as_strided(tensor.shape, tensor.stride(), tensor.storage_offset())
 
     def record(self, stage: int, name: str, tensor: torch.Tensor, copy: bool) -> None:
-        spec = stage_info(stage).spec(name)  # a name missing from the registry is a bug: fail loudly
+        spec = self.pipeline.stage(stage).spec(name)  # a name missing from the registry is a bug: fail loudly
         if tensor.is_meta:  # shapes only: there are no numbers to summarise or keep
             self.records.append(TensorRecord(step=self.step, layer=self.layer, stage=stage, name=name, role=spec.role,
                                              symbolic=spec.shape, dtype=dtype_name(tensor.dtype),

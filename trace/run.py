@@ -9,7 +9,8 @@ import torch
 from stages import Model, ModelConfig, Sampling, UserError, generate, tokenize
 from stages.hooks import recording
 from stages.text import stand_in_prompt
-from stages.registry import stage as stage_info
+from stages.pipelines import PIPELINES, PLAIN, Pipeline
+from stages.registry import Stage
 
 from .recorder import Capture, Recorder, TensorRecord, dtype_name
 
@@ -36,6 +37,15 @@ class Trace:
     notes: list[str] = field(default_factory=list)  # what the user must know (e.g. the budget was reached)
     source: str = ""  # the checkpoint's format and the RoPE layout its rows came in ("" in old trace files)
     shapes_only: bool = False  # run on the meta device: shapes and dtypes, no values, no token chosen
+    pipeline: str = PLAIN.name  # the implementation that ran (stages.pipelines)
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        """The 19 stages as the implementation that ran shows them."""
+        return PIPELINES[self.pipeline].stages
+
+    def stage(self, number: int) -> Stage:
+        return self.stages[number - 1]
 
     @property
     def n_steps(self) -> int:
@@ -60,7 +70,7 @@ class Trace:
 
     def record(self, stage: int, name: str, step: int = 0, layer: int = 0) -> TensorRecord:
         """One record: `name` of `stage` at `step` and `layer` (ignored where the stage runs once)."""
-        scope = stage_info(stage).scope
+        scope = self.stage(stage).scope
         step_, layer_ = (None, None) if scope == "run" else (step, None) if scope == "step" else (step, layer)
         for r in self.records:
             if r.stage == stage and r.name == name and r.step == step_ and r.layer == layer_:
@@ -77,7 +87,7 @@ class Trace:
     def select(self, step: int, layer: int, stage: int | None = None) -> list[TensorRecord]:
         """The records of one step and layer (with those made once per run or per step), in order."""
         def wanted(r: TensorRecord) -> bool:
-            scope = stage_info(r.stage).scope
+            scope = self.stage(r.stage).scope
             where = {"run": r.step is None, "step": r.step == step and r.layer is None,
                      "layer": r.step == step and r.layer == layer}[scope]
             return where and (stage is None or r.stage == stage)
@@ -112,11 +122,11 @@ def _shown_ids(prompt_ids: list[int], new_ids: list[int], records: list[TensorRe
 def traced_run(model: Model, prompt: str, *, chat: bool = True, max_new_tokens: int = 32,
                sampling: Sampling = Sampling(), capture: Capture = Capture(),
                on_text: Callable[[str], None] | None = None, system: str | None = None,
-               stand_in_tokens: int | None = None) -> Trace:
+               stand_in_tokens: int | None = None, pipeline: Pipeline = PLAIN) -> Trace:
     """The prompt (with the system prompt, in the chat template where `chat`) through the model,
     recorded. `stand_in_tokens` feeds that many placeholder ids instead of the prompt (for a
-    shapes-only model without a tokenizer)."""
-    recorder = Recorder(capture)
+    shapes-only model without a tokenizer). `pipeline` is the implementation that runs."""
+    recorder = Recorder(capture, pipeline)
     started = time.perf_counter()
     with recording(recorder):
         if stand_in_tokens is not None:
@@ -124,7 +134,7 @@ def traced_run(model: Model, prompt: str, *, chat: bool = True, max_new_tokens: 
         else:
             prompt_ids = tokenize(model.tokenizer, prompt, chat, system)
         new_ids = generate(model, prompt_ids, max_new_tokens, sampling,
-                           on_token=TextStream(model, on_text) if on_text else None)
+                           on_token=TextStream(model, on_text) if on_text else None, pipeline=pipeline)
     seconds = time.perf_counter() - started
     notes = []
     if recorder.budget_hit_at:
@@ -145,4 +155,4 @@ def traced_run(model: Model, prompt: str, *, chat: bool = True, max_new_tokens: 
                  dtype=dtype_name(model.dtype), prompt=prompt, chat=chat, sampling=sampling,
                  prompt_ids=prompt_ids, new_ids=new_ids, text=text, answer=answer, pieces=pieces,
                  records=recorder.records, capture=capture, seconds=seconds, notes=notes, source=model.source,
-                 shapes_only=model.device.type == "meta")
+                 shapes_only=model.device.type == "meta", pipeline=pipeline.name)

@@ -5,7 +5,9 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from stages.registry import NOTATION, STAGES, stage as stage_info
+from stages.pipelines import PIPELINES, PLAIN, Pipeline
+from stages.registry import NOTATION
+from stages.rope import PAIRS
 
 from .recorder import STAT_NAMES, TensorRecord
 from .run import Trace
@@ -17,15 +19,33 @@ ROLE_LEGEND = Text.assemble("tensors: ", ("in", "cyan"), " · ", ("weight", "mag
                             ("aux (made for this step)", "yellow"), " · intermediate · ", ("out", "green"))
 
 
-def stages_table() -> Group:
-    table = Table(title="The 19 stages of a LLaMA forward pass", title_justify="left")
+def stages_table(pipeline: Pipeline = PLAIN) -> Group:
+    title = "The 19 stages of a LLaMA forward pass" + ("" if pipeline is PLAIN else f", {pipeline.title}")
+    table = Table(title=title, title_justify="left")
     table.add_column("#", justify="right")
     table.add_column("stage (as the diagrams name it)")
     table.add_column("runs once per")
-    for s in STAGES:
+    for s in pipeline.stages:
         table.add_row(str(s.number), s.title, s.scope)
     legend = Text("Shapes: " + ", ".join(f"{k} = {v}" for k, v in NOTATION), style="dim")
     return Group(table, legend)
+
+
+def packing_table(parts: list) -> Table:
+    """Which checkpoint tensors each packed weight is made of (stages.packed.PackedPart), in order."""
+    table = _table("How the packed weights are made: checkpoint tensors stacked row-wise, in this order",
+                   "packed", "rows", "part", "Meta / Hugging Face / GGUF name")
+    for column in table.columns:
+        column.no_wrap = True
+    for p in parts:
+        rows = f"{p.rows.start}-{p.rows.stop - 1}" if p.rows is not None else p.shape
+        mark = "*" if p.row_order == "rotate-half" else ""
+        table.add_row(Text(p.packed, style="magenta"), rows, Text(p.name + mark, style="magenta"),
+                      "\n".join(p.checkpoint_names))
+    table.caption = Text("* rows in rotate-half order: each head's (x[i], x[i+Dh/2]) pairs, as Hugging Face "
+                         "stores them; Meta's and GGUF's interleaved rows are reordered so", style="dim")
+    table.caption_justify = "left"
+    return table
 
 
 def model_line(trace: Trace) -> str:
@@ -49,7 +69,7 @@ def shapes_table(trace: Trace, step: int, layer: int) -> Table:
     """Every stage's tensors for one step and layer: dtype, symbolic and concrete shape."""
     table = _table(f"Shapes at {trace.describe(step, layer)}", "#", "tensor", "dtype", "symbolic", "shape")
     records = trace.select(step, layer)
-    for s in STAGES:
+    for s in trace.stages:
         table.add_row(str(s.number), Text(s.short, style="bold"))
         for r in (r for r in records if r.stage == s.number):
             table.add_row("", Text(r.name, style=ROLE_STYLE[r.role]), Text(r.dtype), Text(r.symbolic),
@@ -84,7 +104,7 @@ def _heatmap(trace: Trace, s, records: list[TensorRecord], head: int):
 
 def stage_detail(trace: Trace, number_: int, step: int, layer: int, head: int = 0) -> Group:
     """One stage: what it does, its tensors with shapes and statistics, a corner of each."""
-    s = stage_info(number_)
+    s = trace.stage(number_)
     records = trace.select(step, layer, stage=number_)
     header = Panel(Text(s.explanation), title=f"Stage {s.number} · {s.title}", title_align="left",
                    subtitle=trace.describe(step, layer) if s.scope != "run" else "once per run",
@@ -106,8 +126,14 @@ def stage_detail(trace: Trace, number_: int, step: int, layer: int, head: int = 
     elif records:
         parts.append(Text("Values were not kept for this step and layer, only statistics.", style="dim"))
     if s.number == 10 and trace.source:
+        pairs = PAIRS[PIPELINES[trace.pipeline].rope_layout]
         parts.append(Text(f"The weights: {trace.source}. The rotation shown is the one the stages apply, to "
-                          f"pairs (x[2i], x[2i+1]).", style="dim"))
+                          f"{pairs}.", style="dim"))
+    packer = PIPELINES[trace.pipeline].packed_parts
+    if packer is not None:
+        packed = [p for p in packer(trace.config) if p.packed in {r.name for r in records}]
+        if packed:
+            parts.append(packing_table(packed))
     if s.number == 1:
         parts.append(Text("Pieces: " + " ".join(repr(trace.piece(i)) for i in trace.prompt_ids)))
     return Group(*parts)

@@ -19,18 +19,19 @@ import torch
 
 from stages import ModelConfig, Sampling, UserError
 from stages.inputs import regular_file
-from stages.registry import STAGES
+from stages.pipelines import N_STAGES, PIPELINES
+from stages.registry import Stage
 
 from .files import output_file
 from .manifest import MANIFEST, check, check_placement
 from .recorder import STAT_NAMES, Capture, Ranges, Rule, TensorRecord, dtype_name
 from .run import Trace
 
-FORMAT, FORMAT_VERSION = "llama-trace", 4
+FORMAT, FORMAT_VERSION = "llama-trace", 5
 # Tensors that versions 1 and 2 called by names now used for other tensors (or by none).
 RENAMED_IN_V3 = {(14, "output"): "head outputs", (14, "output (transposed)"): "heads merged",
                  (19, "h"): "out", (19, "normalized h"): "normalized out"}
-READS = (1, 2, 3, 4)  # version 4 added the model's source
+READS = (1, 2, 3, 4, 5)  # version 4 added the model's source, 5 the implementation
 STORED = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool, "C64": torch.complex64}
@@ -96,7 +97,7 @@ def save_trace(trace: Trace, path: Path, force: bool) -> Path:
         "versions": _versions(),
         "model": {"name": trace.model_name, "config": asdict(trace.config), "device": trace.device,
                   "dtype": trace.dtype, "source": trace.source},
-        "prompt": trace.prompt, "chat": trace.chat, "sampling": asdict(trace.sampling),
+        "implementation": trace.pipeline, "prompt": trace.prompt, "chat": trace.chat, "sampling": asdict(trace.sampling),
         "prompt_ids": trace.prompt_ids, "new_ids": trace.new_ids, "text": trace.text, "answer": trace.answer,
         "pieces": {str(k): v for k, v in trace.pieces.items()},
         "capture": _capture_json(trace.capture), "seconds": trace.seconds, "notes": trace.notes,
@@ -182,12 +183,13 @@ def _v1_rules(manifest: dict) -> None:
                 rule[axis] = [[v, v] for v in values]
 
 
-def _record(entry: dict, tensors: dict[str, torch.Tensor], n_steps: int, config: ModelConfig) -> TensorRecord:
+def _record(entry: dict, tensors: dict[str, torch.Tensor], n_steps: int, config: ModelConfig,
+            stages: tuple[Stage, ...]) -> TensorRecord:
     """One record of the manifest, each field checked against the registry and the run."""
     where = f"stage {entry['stage']} {entry['name']!r} (step {entry['step']}, layer {entry['layer']})"
-    if not 1 <= entry["stage"] <= len(STAGES):
+    if not 1 <= entry["stage"] <= N_STAGES:
         raise UserError(f"damaged trace file: {where} names no stage")
-    spec = next((t for t in STAGES[entry["stage"] - 1].tensors if t.name == entry["name"]), None)
+    spec = next((t for t in stages[entry["stage"] - 1].tensors if t.name == entry["name"]), None)
     if spec is None or spec.role != entry["role"]:
         raise UserError(f"damaged trace file: {where} is no tensor of that stage")
     if entry["step"] is not None and not 0 <= entry["step"] < max(n_steps, 1) or \
@@ -220,7 +222,12 @@ def load_trace(path: Path) -> Trace:
         _v1_rules(manifest)
     if manifest["version"] < 4 and isinstance(manifest.get("model"), dict):
         manifest["model"].setdefault("source", "")
+    if manifest["version"] < 5:
+        manifest.setdefault("implementation", "plain")
     check(manifest, MANIFEST)
+    if manifest["implementation"] not in PIPELINES:
+        raise UserError(f"damaged trace file {path}: it names no implementation we know "
+                        f"({manifest['implementation']!r}; known: {', '.join(PIPELINES)})")
     if manifest["version"] < 3:
         for entry in manifest["records"]:
             entry["name"] = RENAMED_IN_V3.get((entry["stage"], entry["name"]), entry["name"])
@@ -234,10 +241,11 @@ def load_trace(path: Path) -> Trace:
     if not all(0 <= i < config.vocab_size for i in manifest["prompt_ids"] + manifest["new_ids"]) or \
             not all(key.isdigit() for key in manifest["pieces"]):
         raise UserError(f"damaged trace file {path}: its token ids do not fit its vocabulary")
-    records = [_record(entry, tensors, n_steps, config) for entry in manifest["records"]]
+    stages = PIPELINES[manifest["implementation"]].stages
+    records = [_record(entry, tensors, n_steps, config, stages) for entry in manifest["records"]]
     return Trace(model_name=model["name"], config=config, device=model["device"], dtype=model["dtype"],
                  prompt=manifest["prompt"], chat=manifest["chat"], sampling=sampling,
                  prompt_ids=manifest["prompt_ids"], new_ids=manifest["new_ids"], text=manifest["text"],
                  answer=manifest["answer"], pieces={int(k): v for k, v in manifest["pieces"].items()},
                  records=records, capture=_capture_from(manifest["capture"]), seconds=manifest["seconds"],
-                 notes=manifest["notes"], source=model["source"])
+                 notes=manifest["notes"], source=model["source"], pipeline=manifest["implementation"])
