@@ -9,7 +9,12 @@ Measures, alternating the things compared and reporting medians and ratios
   2. the traced run, default capture and --capture all, against the untraced one,
      on a 200-token prompt;
   3. the values a trace keeps (bytes per token per layer) and the saved file's size;
-  4. time from the command to the first table, without and with the model cached.
+  4. time from the command to the first table, without and with the model cached;
+  5. the implementations untraced: the serving engine's packed layers (--impl packed) against
+     the plain stages.
+
+`--only implementations` (or any of the result's section names) measures that part alone and
+updates it in the results file.
 """
 import argparse
 import json
@@ -31,7 +36,7 @@ from rich.table import Table  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import stages  # noqa: E402
-from stages import Sampling, generate  # noqa: E402
+from stages import PIPELINES, Sampling, generate  # noqa: E402
 from stages.embedded import embedded_model_path  # noqa: E402
 from stages.hooks import recording  # noqa: E402
 from stages.kv_cache import KVCache  # noqa: E402
@@ -135,6 +140,19 @@ def trace_memory(model, ids) -> dict:
     return out
 
 
+def implementations(model, ids, repeats) -> dict:
+    """Each implementation untraced, against the plain one: the prompt step, and decode tokens/s."""
+    def run(pipeline, n):
+        return lambda: generate(model, ids, n, pipeline=pipeline)
+
+    prefill = alternate({name: run(p, 1) for name, p in PIPELINES.items()}, repeats)
+    whole = alternate({name: run(p, NEW_TOKENS) for name, p in PIPELINES.items()}, repeats)
+    decode = {name: (NEW_TOKENS - 1) / (whole[name] - prefill[name]) for name in PIPELINES}
+    return {name: {"prompt_step_s": prefill[name], "decode_tokens_per_s": decode[name],
+                   "prompt_step_ratio_to_plain": prefill[name] / prefill["plain"],
+                   "decode_ratio_to_plain": decode[name] / decode["plain"]} for name in PIPELINES}
+
+
 def first_table(repeats: int) -> dict:
     """Wall time of `python -m trace run ... --max-new-tokens 1` until it exits, after printing the table."""
     command = [sys.executable, "-m", "trace", "run", "What is the capital of France?", "--max-new-tokens", "1"]
@@ -154,27 +172,37 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.json")
+    sections = ("speed", "tracing", "memory", "first_table", "implementations")
+    parser.add_argument("--only", choices=sections, help="measure this part alone, keeping the rest of --out")
     args = parser.parse_args()
     path = embedded_model_path()
     model = stages.load_model(path, device="cpu")
-    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     ids = prompt_ids(model)
-    results = {
-        "machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")},
-        "prompt_tokens": len(ids), "new_tokens": NEW_TOKENS,
-        "speed": speed(model, hf, ids, args.repeats),
-        "tracing": tracing_cost(model, ids, args.repeats),
-        "memory": trace_memory(model, ids),
-        "first_table": first_table(max(1, args.repeats // 2)),
+    measures = {
+        "speed": lambda: speed(model, AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32).eval(), ids, args.repeats),
+        "tracing": lambda: tracing_cost(model, ids, args.repeats),
+        "memory": lambda: trace_memory(model, ids),
+        "first_table": lambda: first_table(max(1, args.repeats // 2)),
+        "implementations": lambda: implementations(model, ids, args.repeats),
     }
+    results = json.loads(args.out.read_text()) if args.only and args.out.exists() else {}
+    results |= {"machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
+                            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")},
+                "prompt_tokens": len(ids), "new_tokens": NEW_TOKENS}
+    for section in [args.only] if args.only else sections:
+        results[section] = measures[section]()
     args.out.write_text(json.dumps(results, indent=1) + "\n")
+    if any(section not in results for section in sections):
+        print(f"wrote {args.out} (run without --only for every part)")
+        return 0
     table = Table(title=f"llama-trace benchmarks ({results['machine']['cpus']} CPUs, "
                         f"{results['machine']['torch_threads']} torch threads)", title_justify="left")
     for column in ("measure", "value"):
         table.add_column(column)
     s, tr, mem, ft = results["speed"], results["tracing"], results["memory"], results["first_table"]
+    packed = results["implementations"]["packed"]
     rows = [
         (f"prompt step ({len(ids)} tokens): ours / transformers",
          f"{s['prompt_step_s']['ours']:.3f} s / {s['prompt_step_s']['transformers']:.3f} s "
@@ -193,6 +221,8 @@ def main() -> int:
          f"{mem['default']['saved_file_bytes'] / 2**20:.1f} MiB, {mem['all']['saved_file_bytes'] / 2**20:.1f} MiB"),
         ("command to first table: model fetched / cached",
          f"{ft['cold_fetch_s']:.1f} s / {ft['model_cached_s']:.1f} s"),
+        ("--impl packed / plain, untraced: prompt step, decode tokens/s",
+         f"{packed['prompt_step_ratio_to_plain']:.2f}x time, {packed['decode_ratio_to_plain']:.2f}x tokens/s"),
     ]
     for row in rows:
         table.add_row(*row)

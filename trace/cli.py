@@ -8,8 +8,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from stages import DTYPES, PRESETS, UserError
-from stages.registry import STAGES
+from stages import DTYPES, PIPELINES, PRESETS, UserError
+from stages.pipelines import N_STAGES
 
 from . import commands
 from .commands import DEFAULT_PROMPT
@@ -22,6 +22,8 @@ EXAMPLES = """examples:
   python -m trace run "Hi" --save hi.trace                        keep the whole run in a file
   python -m trace run "Hi" --model ./Llama-3.2-1B-Instruct        a Hugging Face folder (or GGUF, or Meta's)
   python -m trace run "Hi" --model llama-3.1-8b --shapes-only     Llama 3.1 8B's shapes, without its weights
+  python -m trace run "Hi" --impl packed --stage 8 --save p.trace  as a serving engine runs it: packed qkv_proj
+  python -m trace diff plain.trace p.trace                        the two implementations, stage by stage
   python -m trace show hi.trace --stage 13                        look at it later, without the model
   python -m trace diagram --stage 13 -o scores.svg                stage 13 drawn with graphviz
   python -m trace stages                                          the list of stages
@@ -36,8 +38,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def _stage_number(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= len(STAGES):
-        raise argparse.ArgumentTypeError(f"must be a stage number from 1 to {len(STAGES)}, not {text!r}")
+    if not text.isdigit() or not 1 <= int(text) <= N_STAGES:
+        raise argparse.ArgumentTypeError(f"must be a stage number from 1 to {N_STAGES}, not {text!r}")
     return int(text)
 
 
@@ -81,7 +83,16 @@ def _add_model_options(command: argparse.ArgumentParser) -> argparse._ArgumentGr
     model.add_argument("--dtype", choices=tuple(DTYPES),
                        help="the weights' and activations' dtype (default float32, bfloat16 for the presets; "
                             "softmax and logits are always float32)")
+    _add_impl_option(model)
     return model
+
+
+def _add_impl_option(group) -> None:
+    group.add_argument("--impl", choices=tuple(PIPELINES), default="plain",
+                       help="how the model is run: 'plain', the stages as Meta's reference code runs them (the "
+                            "default), or 'packed', as a serving engine (vLLM) runs the same model: one qkv_proj "
+                            "and one gate_up_proj matmul, each residual add fused into the next RMSNorm, "
+                            "rotate-half RoPE")
 
 
 def _add_view_options(command: argparse.ArgumentParser) -> None:
@@ -163,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="draw the complete model and every stage into FOLDER, as .dot and .svg")
     diagram.add_argument("--layer", type=_count(0), default=0, metavar="L", help="the block to draw (default 0)")
     diagram.add_argument("--symbolic", action="store_true", help="symbolic shapes only; runs no model")
+    diagram.add_argument("--packing", action="store_true",
+                         help="draw how --impl packed makes its packed weights from the checkpoint's tensors")
     diagram.add_argument("--force", action="store_true", help="overwrite files that exist already")
     _add_model_options(diagram)
 
@@ -183,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     stages_cmd = _command(subcommands, parser, "stages", "list the 19 stages",
                           "The 19 stages of the diagrams, and the letters their shapes use.")
     stages_cmd.add_argument("--json", action="store_true", help="as JSON")
+    _add_impl_option(stages_cmd)
     return parser
 
 

@@ -6,19 +6,19 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from stages import PRESETS, Sampling, UserError, check_length, load_model, tokenize
+from stages import PIPELINES, PLAIN, PRESETS, Sampling, UserError, check_length, load_model, tokenize
 from stages.presets import DTYPE as PRESET_DTYPE
-from stages.registry import STAGES
+from stages.pipelines import N_STAGES
 
 from .budget import estimate_bytes, memory_needs
 from .compare import diff_table
-from .diagram import FORMATS, drawing, render
+from .diagram import FORMATS, drawing, packing_diagram, render
 from .export import stages_to_json, trace_to_json
 from .files import check_writable, write_output
 from .plots import PLOT_FORMATS, figure_bytes, rules_for_plot, stage_figure
 from .recorder import Capture, Rule
 from .run import Trace, traced_run
-from .tables import model_line, shapes_table, stage_detail, stages_table
+from .tables import model_line, packing_table, shapes_table, stage_detail, stages_table
 from .tracefile import load_trace, save_trace
 
 DEFAULT_PROMPT = "What is the capital of France?"
@@ -75,8 +75,8 @@ def _capture(args) -> Capture:
         except ValueError as e:
             raise UserError(f"--capture: {e}") from None
         for rule in rules:
-            if rule.stages is not None and not 1 <= min(lo for lo, _ in rule.stages.spans) <= rule.stages.largest <= len(STAGES):
-                raise UserError(f"--capture: stages are numbered 1-{len(STAGES)}")
+            if rule.stages is not None and not 1 <= min(lo for lo, _ in rule.stages.spans) <= rule.stages.largest <= N_STAGES:
+                raise UserError(f"--capture: stages are numbered 1-{N_STAGES}")
             if rule.steps is not None and rule.steps.largest >= args.max_new_tokens:
                 raise UserError(f"--capture: step {rule.steps.largest} does not exist: with --max-new-tokens "
                                 f"{args.max_new_tokens} the steps are 0-{args.max_new_tokens - 1}")
@@ -124,6 +124,8 @@ def _show(trace: Trace, args, out: Console, err: Console, needs: dict[str, int] 
         _say(out, f"{len(trace.new_ids)} new tokens from a {len(trace.prompt_ids)}-token prompt in "
                   f"{trace.seconds:.2f} s")
     _say(out, model_line(trace))
+    if trace.pipeline != PLAIN.name:
+        _say(out, f"implementation: {PIPELINES[trace.pipeline].title} (--impl {trace.pipeline})")
     if trace.source:
         _say(out, f"weights: {trace.source}")
     out.print()
@@ -192,7 +194,8 @@ def cmd_run(args, out: Console, err: Console) -> int:
     if args.estimate:
         prompt_len = len(tokenize(model.tokenizer, args.prompt, chat))
         check_length(prompt_len, args.max_new_tokens, model.config.max_seq_len)
-        size = estimate_bytes(model.config, prompt_len, args.max_new_tokens, capture, model.dtype)
+        size = estimate_bytes(model.config, prompt_len, args.max_new_tokens, capture, model.dtype,
+                              PIPELINES[args.impl].stages)
         over = (": over the budget, so values beyond it would keep statistics only"
                 if size > args.max_trace_mb * 2**20 else "")
         _say(out, f"capture {args.capture!r} would keep about {size / 2**20:.1f} MB of values for this "
@@ -208,7 +211,7 @@ def cmd_run(args, out: Console, err: Console) -> int:
 
     trace = traced_run(model, args.prompt or "", chat=chat, max_new_tokens=args.max_new_tokens, sampling=sampling,
                        capture=capture, on_text=None if args.json else stream, system=args.system,
-                       stand_in_tokens=args.tokens)
+                       stand_in_tokens=args.tokens, pipeline=PIPELINES[args.impl])
     if not args.json:
         out.print(trace.answer[len("".join(streamed)):], end="", markup=False, highlight=False)
     _check_view(args, model.config, trace.n_steps)
@@ -241,12 +244,17 @@ def cmd_diff(args, out: Console, err: Console) -> int:
 def cmd_diagram(args, out: Console, err: Console) -> int:
     if args.all is None and args.output is None:
         raise UserError("say where to draw: -o FILE (.svg, .png, .pdf or .dot), or --all FOLDER")
+    if args.packing and PIPELINES[args.impl].packed_parts is None:
+        raise UserError(f"--packing draws how an implementation packs its weights; --impl {args.impl} packs none "
+                        f"(try --impl packed)")
+    if args.packing and args.output is None:
+        raise UserError("--packing draws one file: -o FILE")
     fmt = _output_format(args.output, args.force) if args.output else None
     targets = {}  # every file of --all, checked before the first is written
     if args.all is not None:
         if not args.all.is_dir():
             raise UserError(f"--all needs an existing folder, not {args.all}")
-        for number in (None, *range(1, len(STAGES) + 1)):
+        for number in (None, *range(1, N_STAGES + 1)):
             name = "complete-model" if number is None else f"stage{number:02d}"
             targets[number] = [args.all / f"{name}.{fmt}" for fmt in ("dot", "svg")]
             for path in targets[number]:
@@ -258,22 +266,28 @@ def cmd_diagram(args, out: Console, err: Console) -> int:
         if model.tokenizer is None:
             raise UserError(f"{model.name} comes without a tokenizer: draw it with run --tokens N --shapes-only "
                             f"--diagram FILE")
-        trace = traced_run(model, DEFAULT_PROMPT, max_new_tokens=1)
+        trace = traced_run(model, DEFAULT_PROMPT, max_new_tokens=1, pipeline=PIPELINES[args.impl])
+    if args.packing:
+        write_output(args.output, render(packing_diagram(PIPELINES[args.impl], trace), fmt), args.force)
+        _say(err, f"drew {args.output}")
+        return 0
     if args.output:
-        write_output(args.output, render(drawing(args.stage, trace, 0, args.layer), fmt), args.force)
+        graph = drawing(args.stage, trace, 0, args.layer, pipeline=PIPELINES[args.impl])
+        write_output(args.output, render(graph, fmt), args.force)
         _say(err, f"drew {args.output}")
         return 0
     for number, paths in targets.items():
-        graph = drawing(number, trace, 0, args.layer)
+        graph = drawing(number, trace, 0, args.layer, pipeline=PIPELINES[args.impl])
         for path in paths:
             write_output(path, render(graph, path.suffix[1:]), args.force)
-    _say(err, f"drew the complete model and the {len(STAGES)} stages into {args.all}")
+    _say(err, f"drew the complete model and the {N_STAGES} stages into {args.all}")
     return 0
 
 
 def cmd_stages(args, out: Console, err: Console) -> int:
+    pipeline = PIPELINES[args.impl]
     if args.json:
-        print(json.dumps(stages_to_json(), indent=1))
+        print(json.dumps(stages_to_json(pipeline), indent=1))
     else:
-        out.print(stages_table())
+        out.print(stages_table(pipeline))
     return 0

@@ -4,6 +4,10 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from stages.pipelines import PIPELINES
+from stages.rope import reorder
+
+from .recorder import TensorRecord
 from .run import Trace
 from .values import number
 
@@ -23,33 +27,47 @@ def _largest_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return worst
 
 
+def _difference(a: Trace, b: Trace, ra: TensorRecord, rb: TensorRecord) -> Text:
+    va, vb = ra.values, rb.values
+    if va is None or vb is None:
+        return Text("values not kept", style="dim")
+    layout_a, layout_b = (PIPELINES[t.pipeline].rope_layout for t in (a, b))
+    reordered = layout_a != layout_b and a.stage(ra.stage).spec(ra.name).rope_ordered
+    if reordered:  # the same numbers in the other RoPE layout's order: compare like with like
+        vb = reorder(vb, b.config.head_dim, to=layout_a)
+    if va.shape != vb.shape:
+        return Text("shapes differ", style="yellow")
+    worst = _largest_difference(va, vb)
+    return Text(number(worst, 3) + (" ↺" if reordered else ""), style="green" if worst == 0 else "")
+
+
 def diff_table(a: Trace, b: Trace, step: int, layer: int, stage: int | None, names: tuple[str, str]) -> Group:
-    """Shapes and dtypes of both, and max |a - b| where both kept the values with the same shape."""
+    """Shapes and dtypes of both, and max |a - b| where both kept the values with the same shape; the
+    tensors that only one of the two implementations has, said as such."""
     header = Text()
     for label, trace in zip(names, (a, b), strict=True):
-        header.append(f"{label}: {trace.model_name} · {trace.device} {trace.dtype} · prompt {trace.prompt!r} "
-                      f"({len(trace.prompt_ids)} tokens) → {trace.answer!r}\n")
+        header.append(f"{label}: {trace.model_name} · {trace.device} {trace.dtype} · --impl {trace.pipeline} · "
+                      f"prompt {trace.prompt!r} ({len(trace.prompt_ids)} tokens) → {trace.answer!r}\n")
     same_tokens = a.prompt_ids + a.new_ids == b.prompt_ids + b.new_ids
     header.append("same tokens" if same_tokens else "the tokens differ", style="green" if same_tokens else "yellow")
     table = Table(title=f"step {step}, layer {layer}", title_justify="left")
     for column in ("#", "tensor", "shape A", "shape B", "dtype A/B", "max |A-B|"):
         table.add_column(column, justify="right" if column in ("#", "max |A-B|") else "left")
+    records_a = {(r.stage, r.name): r for r in a.select(step, layer)}
     records_b = {(r.stage, r.name): r for r in b.select(step, layer)}
-    for ra in a.select(step, layer):
-        if stage is not None and ra.stage != stage:
+    for key in dict.fromkeys(sorted([*records_a, *records_b], key=lambda k: k[0])):
+        if stage is not None and key[0] != stage:
             continue
-        rb = records_b.get((ra.stage, ra.name))
-        if rb is None:
-            table.add_row(str(ra.stage), Text(ra.name), _shape(ra.shape), "absent", Text(ra.dtype), "")
+        ra, rb = records_a.get(key), records_b.get(key)
+        if ra is None or rb is None:
+            only = ra or rb
+            table.add_row(str(key[0]), Text(key[1]), _shape(ra.shape) if ra else "", _shape(rb.shape) if rb else "",
+                          Text(only.dtype), Text(f"only in {'A' if ra else 'B'}", style="yellow"))
             continue
-        va, vb = ra.values, rb.values
-        if va is None or vb is None:
-            difference = Text("values not kept", style="dim")
-        elif va.shape != vb.shape:
-            difference = Text("shapes differ", style="yellow")
-        else:
-            worst = _largest_difference(va, vb)
-            difference = Text(number(worst, 3), style="green" if worst == 0 else "")
-        table.add_row(str(ra.stage), Text(ra.name), _shape(ra.shape), _shape(rb.shape),
-                      Text(ra.dtype if ra.dtype == rb.dtype else f"{ra.dtype}/{rb.dtype}"), difference)
+        table.add_row(str(key[0]), Text(ra.name), _shape(ra.shape), _shape(rb.shape),
+                      Text(ra.dtype if ra.dtype == rb.dtype else f"{ra.dtype}/{rb.dtype}"), _difference(a, b, ra, rb))
+    if PIPELINES[a.pipeline].rope_layout != PIPELINES[b.pipeline].rope_layout:
+        table.caption = Text("↺ B's query and key numbers put in A's RoPE layout (interleaved pairs ↔ rotate-half "
+                             "halves) before comparing: the same numbers, in another order", style="dim")
+        table.caption_justify = "left"
     return Group(header, table)
