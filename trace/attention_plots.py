@@ -4,6 +4,8 @@ import numpy as np
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
+from stages.tensor_ids import ATTENTION_WEIGHTS, BLOCK_OUTPUT
+
 from .plots import DPI, _image, _ticks, _token_label
 from .run import Trace
 
@@ -19,7 +21,7 @@ def attention_rows_figure(trace: Trace, step: int, layers: list[int]) -> Figure:
                  f"{keys[-1]!r})\n{trace.model_name}", fontsize=11)
     for row, layer in enumerate(layers):
         ax = fig.add_subplot(len(layers), 1, row + 1)
-        probs = trace.values(13, "scores (softmax)", step=step, layer=layer)[:, -1, :]  # (H, P+T)
+        probs = trace.values(*ATTENTION_WEIGHTS, step=step, layer=layer)[:, -1, :]  # (H, P+T)
         _image(ax, probs.float().numpy(), f"layer {layer}", cmap="viridis", center=False, vmin=0)
         ax.set_ylabel("query head")
         ax.set_yticks(range(probs.shape[0]))
@@ -33,7 +35,7 @@ def sink_shares(trace: Trace, step: int = 0) -> np.ndarray:
     queries (the first query, which can only look at itself, left out)."""
     rows = []
     for layer in range(trace.config.n_layers):
-        probs = trace.values(13, "scores (softmax)", step=step, layer=layer).float()  # (H, T, P+T)
+        probs = trace.values(*ATTENTION_WEIGHTS, step=step, layer=layer).float()  # (H, T, P+T)
         queries = probs[:, 1:, :] if probs.shape[1] > 1 else probs
         rows.append(queries[:, :, 0].mean(dim=1).numpy())
     return np.stack(rows)
@@ -41,7 +43,7 @@ def sink_shares(trace: Trace, step: int = 0) -> np.ndarray:
 
 def stream_sizes(trace: Trace, step: int = 0) -> np.ndarray:
     """(L, T): the size ‖out‖ of the residual stream after each block, at each position of the step."""
-    return np.stack([trace.values(18, "out", step=step, layer=layer).norm(dim=-1).numpy()
+    return np.stack([trace.values(*BLOCK_OUTPUT, step=step, layer=layer).norm(dim=-1).numpy()
                      for layer in range(trace.config.n_layers)])
 
 

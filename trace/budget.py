@@ -8,6 +8,7 @@ import torch
 from stages import ModelConfig
 from stages.kv_cache import kv_cache_bytes
 from stages.registry import STAGES, Stage
+from stages.tensor_ids import BLOCK_OUTPUT, EMBEDDINGS
 
 from .recorder import Capture
 
@@ -27,7 +28,7 @@ def _memory_of(stages: tuple[Stage, ...], stage: Stage, name: str, layer: int | 
     view, inputs to the latest earlier stage that made a tensor of that name."""
     spec = stage.spec(name)
     if spec.view_of == "out":  # the block's input: the output of the block before, or the embeddings
-        return (18, "out", layer - 1) if layer else (4, "x", None)
+        return (*BLOCK_OUTPUT, layer - 1) if layer else (*EMBEDDINGS, None)
     if spec.view_of and spec.view_of != name and spec.view_of in {t.name for t in stage.tensors}:
         return _memory_of(stages, stage, spec.view_of, layer)
     wanted = spec.view_of or name

@@ -11,6 +11,8 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from stages import UserError
+from stages.tensor_ids import (ATTENTION_WEIGHTS, BLOCK_OUTPUT, CACHE_K, EMBEDDINGS, FREQS_CIS, KEYS, KEYS_REPEATED, NEXT_TOKEN,
+                              NEXT_TOKEN_PROBS, SCORES, STREAM_AFTER_ATTENTION)
 
 from .recorder import Ranges, Rule, TensorRecord
 from .run import Trace
@@ -120,7 +122,7 @@ class Figures:
     def embeddings(self) -> Figure:
         fig = self.figure(14, 7, "Stage 4: the embedding vector of each token fed (rows of tok_embeddings)")
         ax = fig.add_subplot()
-        _image(ax, _np(self.get(4, "x").values), "x (T, D)")
+        _image(ax, _np(self.get(*EMBEDDINGS).values), "x (T, D)")
         _ticks(ax, "y", self.new_tokens(), self.P)
         ax.set_xlabel("dimension (D)")
         return fig
@@ -131,7 +133,7 @@ class Figures:
         fig = self.figure(16, 9, f"Stage 10: rotary embeddings (interleaved pairs), query head {self.head}, "
                                  f"its KV head {kv_head}")
         grid = fig.add_gridspec(2, 3)
-        freqs = self.get(10, "freqs_cis").values
+        freqs = self.get(*FREQS_CIS).values
         angles = np.angle(freqs.numpy()) % (2 * np.pi)
         ax = fig.add_subplot(grid[:, 0])
         _image(ax, angles, "rotation angle pos·θ_i (mod 2π)", cmap="twilight", center=False, vmin=0, vmax=2 * np.pi)
@@ -155,15 +157,15 @@ class Figures:
         width = self.trace.positions(steps - 1)[0] + self.trace.positions(steps - 1)[1]
         filled = np.full((steps, width), np.nan)
         for s in range(steps):
-            cache_k = self.get(11, "cache_k", step=s).values  # (P+T, Hkv, Dh)
+            cache_k = self.get(*CACHE_K, step=s).values  # (P+T, Hkv, Dh)
             filled[s, :cache_k.shape[0]] = _np(cache_k.norm(dim=-1).mean(dim=-1))
         ax = fig.add_subplot(grid[0, :2])
         _image(ax, filled, "‖key‖ per cached position (mean over KV heads); grey: not yet written")
         ax.set_ylabel("step")
         _ticks(ax, "y", [""] * steps)
         _ticks(ax, "x", self.pieces[:width])
-        keys = self.get(12, "keys").values  # (P+T, Hkv, Dh)
-        repeated = self.get(12, "keys (repeated)").values  # (P+T, H, Dh)
+        keys = self.get(*KEYS).values  # (P+T, Hkv, Dh)
+        repeated = self.get(*KEYS_REPEATED).values  # (P+T, H, Dh)
         shares = np.array([[float(torch.equal(repeated[:, h], keys[:, j])) for j in range(keys.shape[1])]
                            for h in range(repeated.shape[1])])
         ax = fig.add_subplot(grid[0, 2])
@@ -176,8 +178,8 @@ class Figures:
 
     # Stage 13 ------------------------------------------------------------
     def scores(self) -> Figure:
-        scores = self.get(13, "scores").values  # (H, T, P+T), -inf where masked
-        probs = self.get(13, "scores (softmax)").values
+        scores = self.get(*SCORES).values  # (H, T, P+T), -inf where masked
+        probs = self.get(*ATTENTION_WEIGHTS).values
         keys = self.pieces[:self.P + self.T]
         if self.T == 1:  # decode: one query row per head over every cached position
             fig = self.figure(16, 8, "Stage 13: the new token's scores over every cached position, per head")
@@ -217,11 +219,11 @@ class Figures:
     # Stages 15 and 18 ----------------------------------------------------
     def residual_stream(self) -> Figure:
         fig = self.figure(14, 10, "Stages 15 and 18: the size of the residual stream, ‖x‖ per token, layer by layer")
-        rows, labels = [_np(self.get(4, "x").values.norm(dim=-1))], ["embedding"]
+        rows, labels = [_np(self.get(*EMBEDDINGS).values.norm(dim=-1))], ["embedding"]
         for layer in range(self.config.n_layers):
-            rows.append(_np(self.get(15, "h", layer=layer).values.norm(dim=-1)))
+            rows.append(_np(self.get(*STREAM_AFTER_ATTENTION, layer=layer).values.norm(dim=-1)))
             labels.append(f"{layer} + attention")
-            rows.append(_np(self.get(18, "out", layer=layer).values.norm(dim=-1)))
+            rows.append(_np(self.get(*BLOCK_OUTPUT, layer=layer).values.norm(dim=-1)))
             labels.append(f"{layer} + FFN")
         ax = fig.add_subplot()
         matrix = np.stack(rows)
@@ -243,8 +245,8 @@ class Figures:
 
     # Stage 19 ------------------------------------------------------------
     def next_token(self, k: int = 20) -> Figure:
-        probs = self.get(19, "probs").values
-        chosen = int(self.get(19, "next token").values)
+        probs = self.get(*NEXT_TOKEN_PROBS).values
+        chosen = int(self.get(*NEXT_TOKEN).values)
         top = torch.topk(probs, k)
         ids = [i for i, p in zip(top.indices.tolist(), top.values.tolist()) if p > 0]  # after top-k / top-p
         if chosen not in ids:

@@ -3,20 +3,22 @@ pair's rotation factor walking round the unit circle as the position grows."""
 import numpy as np
 from matplotlib.figure import Figure
 
+from stages.tensor_ids import FREQS_CIS
+
 from .plots import DPI
 from .run import Trace
 
 
 def rotation_speeds(trace: Trace) -> np.ndarray:
     """θ_i of every pair i, in radians per position: the angle freqs_cis turns from position 0 to 1."""
-    freqs_cis = trace.values(10, "freqs_cis", step=0).numpy()  # (T, Dh/2), complex
+    freqs_cis = trace.values(*FREQS_CIS, step=0).numpy()  # (T, Dh/2), complex
     return np.angle(freqs_cis[1] / freqs_cis[0])
 
 
 def rope_figure(trace: Trace, pairs: tuple[int, ...] | None = None) -> Figure:
     """θ_i for this model, and for a fast and a slow pair the rotation exp(j·pos·θ_i) applied at
     each position of the prompt step."""
-    freqs_cis = trace.values(10, "freqs_cis", step=0).numpy()  # (T, Dh/2)
+    freqs_cis = trace.values(*FREQS_CIS, step=0).numpy()  # (T, Dh/2)
     theta = rotation_speeds(trace)
     pairs = pairs or (0, len(theta) // 4)
     fig = Figure(figsize=(15, 5), dpi=DPI, layout="constrained")

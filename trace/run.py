@@ -11,6 +11,7 @@ from stages.hooks import recording
 from stages.text import stand_in_prompt
 from stages.pipelines import PIPELINES, PLAIN, Pipeline
 from stages.registry import Stage
+from stages.tensor_ids import NEXT_TOKEN_PROBS
 
 from .recorder import Capture, Recorder, TensorRecord, dtype_name
 
@@ -114,7 +115,7 @@ class TextStream:
 def _shown_ids(prompt_ids: list[int], new_ids: list[int], records: list[TensorRecord]) -> set[int]:
     ids = set(prompt_ids) | set(new_ids)
     for r in records:
-        if r.stage == 19 and r.name == "probs" and r.values is not None:
+        if (r.stage, r.name) == NEXT_TOKEN_PROBS and r.values is not None:
             ids.update(torch.topk(r.values, min(TOP_PIECES, r.values.numel())).indices.tolist())
     return ids
 

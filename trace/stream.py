@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from stages.tensor_ids import ATTENTION_ADDED, BLOCK_OUTPUT, EMBEDDINGS, FFN_ADDED, STREAM_READ
+
 from .plots import DPI, _token_label
 from .run import Trace
 
@@ -13,8 +15,8 @@ from .run import Trace
 def stream_rows(trace: Trace, step: int, position: int = -1) -> torch.Tensor:
     """(L+1, D): the stream at one position of `step` (default: its last) as the embedding made it
     (stage 4) and after each block (stage 18's out)."""
-    rows = [trace.values(4, "x", step=step)[position]]
-    rows += [trace.values(18, "out", step=step, layer=layer)[position] for layer in range(trace.config.n_layers)]
+    rows = [trace.values(*EMBEDDINGS, step=step)[position]]
+    rows += [trace.values(*BLOCK_OUTPUT, step=step, layer=layer)[position] for layer in range(trace.config.n_layers)]
     return torch.stack(rows)
 
 
@@ -26,8 +28,8 @@ def stream_writes(trace: Trace, step: int, position: int = -1) -> dict[str, np.n
     def sizes(stage: int, name: str) -> np.ndarray:
         return np.array([trace.values(stage, name, step=step, layer=layer)[position].norm().item() for layer in layers])
 
-    return {"stream read": sizes(15, "x"), "attention adds": sizes(15, "attention output"),
-            "FFN adds": sizes(18, "ffn output"), "stream after": sizes(18, "out")}
+    return {"stream read": sizes(*STREAM_READ), "attention adds": sizes(*ATTENTION_ADDED),
+            "FFN adds": sizes(*FFN_ADDED), "stream after": sizes(*BLOCK_OUTPUT)}
 
 
 def _where(trace: Trace, step: int, position: int) -> str:

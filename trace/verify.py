@@ -22,6 +22,9 @@ from transformers.utils import logging as hf_logging
 import stages
 from stages.config import TINY
 from stages.hf_folder import interleave_rows
+from stages.tensor_ids import (ATTENTION_MODULE_OUTPUT, ATTENTION_NORMED, ATTENTION_OUTPUT, ATTENTION_WEIGHTS, BLOCK_OUTPUT, CACHE_K,
+                              CACHE_V, EMBEDDINGS, FFN_NORMED, FFN_OUTPUT, FINAL_NORMED, GATE, GATED, HEADS_MERGED, HEAD_OUTPUTS,
+                              KEYS_TRANSPOSED, LOGITS, STREAM_AFTER_ATTENTION, UP, VALUES_TRANSPOSED, XK, XK_ROTATED, XQ, XQ_ROTATED, XV)
 
 
 def to_interleaved(t: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -131,33 +134,33 @@ def hf_stage_tensors(hf: LlamaForCausalLM, ids: list[int]) -> dict[tuple[int, st
             found[key] = to_interleaved(value, head_dim) if layout == "heads" else value
         hooks.append(module.register_forward_hook(hook))
 
-    keep(hf.model.embed_tokens, (4, "x", None))
+    keep(hf.model.embed_tokens, (*EMBEDDINGS, None))
     for i, layer in enumerate(hf.model.layers):
-        keep(layer.input_layernorm, (6, "normalized x", i))
-        keep(layer.self_attn.q_proj, (8, "xq", i), layout="heads")
-        keep(layer.self_attn.k_proj, (8, "xk", i), layout="heads")
-        keep(layer.self_attn.v_proj, (8, "xv", i))
-        keep(layer.self_attn, (7, "attention output", i))
-        keep(layer.self_attn.o_proj, (14, "heads merged", i), use_input=True)
-        keep(layer.self_attn.o_proj, (14, "attention output", i))
-        keep(layer.post_attention_layernorm, (15, "h", i), use_input=True)
-        keep(layer.post_attention_layernorm, (16, "normalized h", i))
-        keep(layer.mlp.act_fn, (17, "gate", i))
-        keep(layer.mlp.up_proj, (17, "up", i))
-        keep(layer.mlp.down_proj, (17, "gate * up", i), use_input=True)
-        keep(layer.mlp, (17, "ffn output", i))
-        keep(layer, (18, "out", i))
-    keep(hf.model.norm, (19, "normalized out", None))
+        keep(layer.input_layernorm, (*ATTENTION_NORMED, i))
+        keep(layer.self_attn.q_proj, (*XQ, i), layout="heads")
+        keep(layer.self_attn.k_proj, (*XK, i), layout="heads")
+        keep(layer.self_attn.v_proj, (*XV, i))
+        keep(layer.self_attn, (*ATTENTION_MODULE_OUTPUT, i))
+        keep(layer.self_attn.o_proj, (*HEADS_MERGED, i), use_input=True)
+        keep(layer.self_attn.o_proj, (*ATTENTION_OUTPUT, i))
+        keep(layer.post_attention_layernorm, (*STREAM_AFTER_ATTENTION, i), use_input=True)
+        keep(layer.post_attention_layernorm, (*FFN_NORMED, i))
+        keep(layer.mlp.act_fn, (*GATE, i))
+        keep(layer.mlp.up_proj, (*UP, i))
+        keep(layer.mlp.down_proj, (*GATED, i), use_input=True)
+        keep(layer.mlp, (*FFN_OUTPUT, i))
+        keep(layer, (*BLOCK_OUTPUT, i))
+    keep(hf.model.norm, (*FINAL_NORMED, None))
     def attention(module, query, key, value, *args, **kwargs):
         """transformers' own attention, seen from inside: the rotated queries and keys, the keys
         and values repeated for every query head, and the heads' outputs."""
         i, T = module.layer_idx, query.shape[2]
-        found[(10, "xq (rotated)", i)] = to_interleaved(query[0].transpose(0, 1), head_dim)  # (H, T, Dh) -> (T, H, Dh)
-        found[(10, "xk (rotated)", i)] = to_interleaved(key[0, :, -T:].transpose(0, 1), head_dim)  # (T, Hkv, Dh)
-        found[(12, "keys (transposed)", i)] = to_interleaved(repeat_kv(key, module.num_key_value_groups)[0], head_dim)
-        found[(12, "values (transposed)", i)] = repeat_kv(value, module.num_key_value_groups)[0]  # (H, S, Dh)
+        found[(*XQ_ROTATED, i)] = to_interleaved(query[0].transpose(0, 1), head_dim)  # (H, T, Dh) -> (T, H, Dh)
+        found[(*XK_ROTATED, i)] = to_interleaved(key[0, :, -T:].transpose(0, 1), head_dim)  # (T, Hkv, Dh)
+        found[(*KEYS_TRANSPOSED, i)] = to_interleaved(repeat_kv(key, module.num_key_value_groups)[0], head_dim)
+        found[(*VALUES_TRANSPOSED, i)] = repeat_kv(value, module.num_key_value_groups)[0]  # (H, S, Dh)
         output, weights = eager_attention(module, query, key, value, *args, **kwargs)
-        found[(14, "head outputs", i)] = output[0].transpose(0, 1)  # (T, H, Dh) -> (H, T, Dh)
+        found[(*HEAD_OUTPUTS, i)] = output[0].transpose(0, 1)  # (T, H, Dh) -> (H, T, Dh)
         return output, weights
 
     eager_attention, repeat_kv = modeling_llama.eager_attention_forward, modeling_llama.repeat_kv
@@ -170,13 +173,13 @@ def hf_stage_tensors(hf: LlamaForCausalLM, ids: list[int]) -> dict[tuple[int, st
     # newer transformers call the output's past_key_values `cache` (the old name still works, with a warning)
     caches = out["cache"] if "cache" in out else out["past_key_values"]
     for i in range(c.num_hidden_layers):
-        found[(13, "scores (softmax)", i)] = out.attentions[i][0]
+        found[(*ATTENTION_WEIGHTS, i)] = out.attentions[i][0]
         cache = caches.layers[i]
-        found[(11, "cache_k", i)] = to_interleaved(cache.keys[0].transpose(0, 1), head_dim)  # (T, Hkv, Dh)
-        found[(11, "cache_v", i)] = cache.values[0].transpose(0, 1)
+        found[(*CACHE_K, i)] = to_interleaved(cache.keys[0].transpose(0, 1), head_dim)  # (T, Hkv, Dh)
+        found[(*CACHE_V, i)] = cache.values[0].transpose(0, 1)
         for name in ("xq", "xk", "xv"):  # stage 9 splits the last dimension into heads: the same numbers
             found[(9, f"{name} (reshaped)", i)] = found[(8, name, i)].reshape(len(ids), -1, head_dim)
-    found[(19, "logits", None)] = out.logits[0, -1]
+    found[(*LOGITS, None)] = out.logits[0, -1]
     return found
 
 
