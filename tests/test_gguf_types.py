@@ -13,8 +13,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 import stages
 from stages import UserError
 from stages.config import TINY, ModelConfig
-from stages.gguf_model import _LAYER_TENSORS as GGUF_NAMES
-from stages.hf_folder import _LAYER_TENSORS as HF_NAMES, interleave_rows
+from stages.gguf_model import LAYER_TENSORS as GGUF_NAMES
+from stages.hf_folder import LAYER_TENSORS as HF_NAMES, interleave_rows
 from stages.rope import base_frequencies, llama3_freq_factors
 from trace.verify import hf_greedy, hf_stage_tensors, write_gguf
 
