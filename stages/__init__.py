@@ -5,7 +5,7 @@ from typing import Callable
 import torch
 
 from .config import TINY, ModelConfig
-from .embedded import NAME as EMBEDDED_NAME, embedded_model_path
+from .embedded import NAME as EMBEDDED_NAME, embedded_identity, embedded_model_path
 from .errors import UserError
 from .forward import forward_step
 from .generate import check_length, generate
@@ -31,9 +31,12 @@ def load_model(path: str | Path | None = None, device: str = "auto", dtype: str 
     torch_dtype = DTYPES[dtype]
     if path is not None and str(path) in PRESETS:
         checkpoint = read_preset(str(path), shapes_only)
+    elif path is None:
+        from .parsed_cache import read_parsed_once
+        gguf = embedded_model_path()
+        checkpoint = read_parsed_once(gguf, embedded_identity(gguf), torch_dtype, progress, shapes_only)
     else:
-        checkpoint = read_checkpoint(Path(path) if path else embedded_model_path(), torch_dtype, progress,
-                                     shapes_only)
+        checkpoint = read_checkpoint(Path(path), torch_dtype, progress, shapes_only)
     name = checkpoint.name if path else EMBEDDED_NAME
     if shapes_only:
         weights = shapes_only_weights(checkpoint.config, torch_dtype, checkpoint.tied)

@@ -110,6 +110,11 @@ def cached_path(file: WheelFile, announce=lambda message: print(message, file=sy
     return target
 
 
+def embedded_identity(path: Path) -> str:
+    """What names the embedded model's file as it is now (see stages.parsed_cache)."""
+    return _fingerprint(path, EMBEDDED_MODEL.sha256)
+
+
 def embedded_model_path(announce=lambda message: print(message, file=sys.stderr)) -> Path:
     """The embedded model's GGUF file (see cached_path)."""
     return cached_path(EMBEDDED_MODEL, announce)

@@ -157,9 +157,14 @@ def read_gguf(path: Path, dtype: torch.dtype = torch.float32, progress: Progress
     """A GGUF file's model; weights in `dtype` on the CPU (none with `shapes_only`)."""
     reader = open_gguf(path)
     fields = read_fields(reader)
+    weights = None if shapes_only else load_weights(reader, config_from_fields(fields), dtype, progress)
+    return checkpoint_from_fields(path, fields, weights, _source(reader),
+                                  tied="output.weight" not in {t.name for t in reader.tensors})
+
+
+def checkpoint_from_fields(path: Path, fields: dict, weights: Weights | None, source: str, tied: bool) -> Checkpoint:
+    """The checkpoint a GGUF file's metadata describes, with these weights."""
     config = config_from_fields(fields)
-    tokenizer = Tokenizer.from_gguf_fields(fields, config.vocab_size)
-    weights = None if shapes_only else load_weights(reader, config, dtype, progress)
     name = fields.get("general.name")
-    return Checkpoint(name if isinstance(name, str) and name.strip() else path.stem, config, weights, tokenizer,
-                      _source(reader), tied="output.weight" not in {t.name for t in reader.tensors})
+    return Checkpoint(name if isinstance(name, str) and name.strip() else path.stem, config, weights,
+                      Tokenizer.from_gguf_fields(fields, config.vocab_size), source, tied)
