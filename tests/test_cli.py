@@ -221,3 +221,12 @@ def test_bfloat16_run_keeps_softmax_and_logits_in_float32():
     assert data["model"]["dtype"] == "bfloat16" and data["text"].startswith("The capital of France")
     dtypes = {t["name"]: t["dtype"] for t in data["stages"][0]["tensors"]}
     assert dtypes["out"] == "bfloat16" and dtypes["logits"] == "float32" and dtypes["probs"] == "float32"
+
+
+def test_a_table_costs_no_plotting_library_and_no_reference_model():
+    """matplotlib and transformers take a second to import: a run that shows tables imports neither."""
+    code = ("import sys, llama_trace\nfrom trace import cli\ncli.main(['run', 'Hi', '--max-new-tokens', '1'])\n"
+            "print('imported:', sorted(m for m in ('matplotlib', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "imported: []"

@@ -15,13 +15,18 @@ from .compare import diff_table
 from .diagram import FORMATS, drawing, packing_diagram, render
 from .export import stages_to_json, trace_to_json
 from .files import check_writable, write_output
-from .plots import PLOT_FORMATS, figure_bytes, rules_for_plot, stage_figure
 from .recorder import Capture, Rule
 from .run import Trace, traced_run
 from .tables import model_line, packing_table, shapes_table, stage_detail, stages_table
 from .tracefile import load_trace, save_trace
 
 DEFAULT_PROMPT = "What is the capital of France?"
+
+
+def plots():
+    """trace.plots, imported when a figure is asked for: matplotlib takes a quarter of a second to import."""
+    from . import plots as module
+    return module
 
 
 def _say(console: Console, text: str, style: str = "dim") -> None:
@@ -68,7 +73,7 @@ def _capture(args) -> Capture:
           "store_dtype": getattr(torch, args.store_dtype) if args.store_dtype else None}
     if args.capture == "all":
         return Capture.everything(**kw)
-    extra = rules_for_plot(args.stage, args.step, args.layer) if args.plot else ()
+    extra = plots().rules_for_plot(args.stage, args.step, args.layer) if args.plot else ()
     if args.capture != "selected":
         try:
             rules = tuple(Rule.parse(text) for text in args.capture.split(";") if text.strip())
@@ -98,8 +103,9 @@ def _pictures(trace: Trace, args, err: Console) -> None:
         write_output(args.diagram, render(graph, _output_format(args.diagram, args.force)), args.force)
         _say(err, f"drew {args.diagram}")
     if args.plot:
-        figure = stage_figure(trace, args.stage, args.step, args.layer, args.head)
-        write_output(args.plot, figure_bytes(figure, _output_format(args.plot, args.force, PLOT_FORMATS)),
+        figure = plots().stage_figure(trace, args.stage, args.step, args.layer, args.head)
+        kind = _output_format(args.plot, args.force, plots().PLOT_FORMATS)
+        write_output(args.plot, plots().figure_bytes(figure, kind),
                      args.force)
         _say(err, f"plotted {args.plot}")
 
@@ -140,7 +146,7 @@ def _check_outputs(args) -> None:
     if args.diagram:
         _output_format(args.diagram, args.force)
     if args.plot:
-        _output_format(args.plot, args.force, PLOT_FORMATS)
+        _output_format(args.plot, args.force, plots().PLOT_FORMATS)
     if getattr(args, "save", None):
         check_writable(args.save, args.force)
 

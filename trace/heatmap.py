@@ -2,7 +2,6 @@
 shows two values, the upper one as the colour of "▀", the lower one as its background."""
 import torch
 import torch.nn.functional as F
-from matplotlib import colormaps
 from rich.color import Color
 from rich.console import Group
 from rich.style import Style
@@ -33,6 +32,7 @@ def terminal_heatmap(matrix: torch.Tensor, title: str) -> Group:
     signed = lo < 0 < hi
     if signed:
         lo, hi = -max(-lo, hi), max(-lo, hi)
+    from matplotlib import colormaps  # here: matplotlib takes a quarter of a second to import
     cmap = colormaps["RdBu_r" if signed else "viridis"]
 
     def colour(v: float) -> Color:
