@@ -49,23 +49,26 @@ def update_kv_cache(cache: KVCache, xk: torch.Tensor, xv: torch.Tensor, start_po
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(P+T, Hkv, Dh) -> (P+T, Hkv·n_rep, Dh): KV head j serves query heads j·n_rep .. j·n_rep+n_rep-1."""
-    if n_rep == 1:
-        return x
+    """(P+T, Hkv, Dh) -> (P+T, Hkv, n_rep, Dh), read as (P+T, H, Dh): KV head j serves query heads
+    j·n_rep .. j·n_rep+n_rep-1. A view on a zero stride: the keys are never copied."""
     seq, n_kv_heads, head_dim = x.shape
-    return x[:, :, None, :].expand(seq, n_kv_heads, n_rep, head_dim).reshape(seq, n_kv_heads * n_rep, head_dim)
+    return x[:, :, None, :].expand(seq, n_kv_heads, n_rep, head_dim)
 
 
 def do_transposes(xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n_rep: int):
-    """Stage 12. xq (T, H, Dh) -> (H, T, Dh); keys, values (P+T, Hkv, Dh) -> (P+T, H, Dh) -> (H, P+T, Dh)."""
+    """Stage 12. xq (T, H, Dh) -> (H, T, Dh); keys, values (P+T, Hkv, Dh) -> (P+T, H, Dh) -> (H, P+T, Dh),
+    the last two held grouped by KV head, as (P+T, Hkv, n_rep, Dh) and (Hkv, n_rep, P+T, Dh)."""
+    seq, n_kv_heads, head_dim = keys.shape
+    heads = (seq, n_kv_heads * n_rep, head_dim)  # (P+T, H, Dh): the shape the diagram shows
     record(12, "xq (rotated)", xq)
     record(12, "keys", keys)
     record(12, "values", values)
-    keys = record(12, "keys (repeated)", repeat_kv(keys, n_rep))  # (P+T, H, Dh)
-    values = record(12, "values (repeated)", repeat_kv(values, n_rep))  # (P+T, H, Dh)
+    keys = record(12, "keys (repeated)", repeat_kv(keys, n_rep), shape=heads)  # (P+T, Hkv, n_rep, Dh)
+    values = record(12, "values (repeated)", repeat_kv(values, n_rep), shape=heads)  # (P+T, Hkv, n_rep, Dh)
+    transposed = (heads[1], seq, head_dim)  # (H, P+T, Dh)
     return (record(12, "xq (transposed)", xq.transpose(0, 1)),  # (H, T, Dh)
-            record(12, "keys (transposed)", keys.transpose(0, 1)),  # (H, P+T, Dh)
-            record(12, "values (transposed)", values.transpose(0, 1)))  # (H, P+T, Dh)
+            record(12, "keys (transposed)", keys.permute(1, 2, 0, 3), shape=transposed),  # (Hkv, n_rep, P+T, Dh)
+            record(12, "values (transposed)", values.permute(1, 2, 0, 3), shape=transposed))  # (Hkv, n_rep, P+T, Dh)
 
 
 def causal_mask(T: int, start_pos: int, device) -> torch.Tensor | None:
@@ -77,11 +80,22 @@ def causal_mask(T: int, start_pos: int, device) -> torch.Tensor | None:
     return torch.hstack([torch.zeros((T, start_pos), device=device), triangle])  # (T, P+T)
 
 
+def grouped_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (H, T, K) · b (Hkv, n_rep, K, N) -> (H, T, N), where b repeats each KV head n_rep times on a zero
+    stride: the query heads of one KV head are multiplied with it in one matmul, never with copies."""
+    n_kv_heads, H, T = b.shape[0], a.shape[0], a.shape[1]
+    grouped = torch.matmul(a.reshape(n_kv_heads, -1, a.shape[-1]), b[:, 0])  # (Hkv, n_rep·T, N)
+    return grouped.view(H, T, -1)  # (H, T, N)
+
+
 def calculate_scores(xq: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Stage 13. xq (H, T, Dh) · keysᵀ (H, Dh, P+T) / sqrt(Dh) + mask (T, P+T) -> softmax -> (H, T, P+T)."""
+    """Stage 13. xq (H, T, Dh) · keysᵀ (H, Dh, P+T) / sqrt(Dh) + mask (T, P+T) -> softmax -> (H, T, P+T).
+    keys (H, P+T, Dh) come grouped by KV head, as (Hkv, n_rep, P+T, Dh) (see do_transposes)."""
+    H, _, head_dim = xq.shape
+    heads = (H, keys.shape[2], head_dim)  # (H, P+T, Dh)
     record(13, "xq (transposed)", xq)
-    record(13, "keys (transposed)", keys)
-    scores = torch.matmul(xq, keys.transpose(1, 2)) / math.sqrt(xq.shape[-1])  # (H, T, P+T)
+    record(13, "keys (transposed)", keys, shape=heads)
+    scores = grouped_matmul(xq, keys.transpose(2, 3)) / math.sqrt(head_dim)  # (H, T, P+T)
     if mask is not None:
         record(13, "mask", mask)
         scores = scores + mask  # broadcast over heads
@@ -91,10 +105,12 @@ def calculate_scores(xq: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | 
 
 
 def calculate_output(probs: torch.Tensor, values: torch.Tensor, wo: torch.Tensor) -> torch.Tensor:
-    """Stage 14. probs (H, T, P+T) · values (H, P+T, Dh) -> (H, T, Dh) -> (T, H·Dh) -> wo -> (T, D)."""
+    """Stage 14. probs (H, T, P+T) · values (H, P+T, Dh) -> (H, T, Dh) -> (T, H·Dh) -> wo -> (T, D).
+    values come grouped by KV head, as (Hkv, n_rep, P+T, Dh) (see do_transposes)."""
+    H, _, seq = probs.shape
     record(14, "scores (softmax)", probs)
-    record(14, "values (transposed)", values)
-    output = record(14, "head outputs", torch.matmul(probs, values))  # (H, T, Dh)
+    record(14, "values (transposed)", values, shape=(H, seq, values.shape[-1]))
+    output = record(14, "head outputs", grouped_matmul(probs, values))  # (H, T, Dh)
     merged = record(14, "heads merged", output.transpose(0, 1).flatten(1))  # (T, H, Dh) -> (T, H·Dh)
     record(14, "wo", wo)
     return record(14, "attention output", F.linear(merged, wo))  # (T, D)

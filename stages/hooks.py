@@ -13,20 +13,23 @@ import torch
 
 class Sink(Protocol):
     def at(self, **where: int | None) -> None: ...
-    def record(self, stage: int, name: str, tensor: torch.Tensor, copy: bool) -> None: ...
+    def record(self, stage: int, name: str, tensor: torch.Tensor, copy: bool, shape: tuple[int, ...] | None) -> None: ...
 
 
 _sink: Sink | None = None
 
 
-def record(stage: int, name: str, tensor: torch.Tensor, copy: bool = False) -> torch.Tensor:
+def record(stage: int, name: str, tensor: torch.Tensor, copy: bool = False,
+           shape: tuple[int, ...] | None = None) -> torch.Tensor:
     """Show `tensor` as `name` of stage `stage`; returns it unchanged.
 
     `copy=True` is for buffers that are later written in place (the KV cache):
-    the sink must keep a snapshot, not a reference.
+    the sink must keep a snapshot, not a reference. `shape` is the shape the
+    diagram shows where `tensor` holds it with one dimension split in two (the
+    keys repeated for grouped-query attention, a view that a reshape would copy).
     """
     if _sink is not None:
-        _sink.record(stage, name, tensor, copy)
+        _sink.record(stage, name, tensor, copy, shape)
     return tensor
 
 

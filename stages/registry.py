@@ -154,11 +154,12 @@ STAGES: tuple[Stage, ...] = (
            op("write rows P..P+T-1", "xv (reshaped)", "cache_v")), "cache_k"),
     Stage(12, "Forward Pass Through Attention Module - Do transposes", "transposes", "layer",
           "Keys and values of all cached positions are read back; each KV head is repeated "
-          "H/Hkv times so every query head has its own copy (grouped-query attention); then "
-          "the head dimension is moved to the front.",
+          "H/Hkv times so every query head has its keys (grouped-query attention: a view, "
+          "nothing is copied); then the head dimension is moved to the front.",
           (spec_in("xq (rotated)", "(T, H, Dh)", 10), spec_in("keys", "(P+T, Hkv, Dh)", 11, view_of="cache_k"),
            spec_in("values", "(P+T, Hkv, Dh)", 11, view_of="cache_v"),
-           spec("mid", "keys (repeated)", "(P+T, H, Dh)"), spec("mid", "values (repeated)", "(P+T, H, Dh)"),
+           spec("mid", "keys (repeated)", "(P+T, H, Dh)", "keys"),
+           spec("mid", "values (repeated)", "(P+T, H, Dh)", "values"),
            spec("out", "xq (transposed)", "(H, T, Dh)", "xq (rotated)"),
            spec("out", "keys (transposed)", "(H, P+T, Dh)", "keys (repeated)"),
            spec("out", "values (transposed)", "(H, P+T, Dh)", "values (repeated)")),

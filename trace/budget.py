@@ -89,6 +89,7 @@ def estimate_bytes(config: ModelConfig, prompt_len: int, max_new_tokens: int, ca
     total, counted_blocks = 0, set()
     for first, last in _step_groups(capture, max_new_tokens):
         origins = set()  # the memory this group's steps keep, each piece once per step
+        converted_blocks = set()  # blocks converted anew each step of the group, each once per step
         for stage, name, layer, origin in records:
             if (name == "mask" and first > 0) or not capture.keeps(stage, first, layer):
                 continue
@@ -97,9 +98,11 @@ def estimate_bytes(config: ModelConfig, prompt_len: int, max_new_tokens: int, ca
                 origins.add(origin)
                 continue
             size, per_layer = blocks[block]
-            if per_layer and converted:  # converted anew each step
+            key = (block, origin[1], origin[2] if per_layer else None)
+            if per_layer and converted and key not in converted_blocks:
+                converted_blocks.add(key)
                 total += size * (last - first + 1)
-            elif (key := (block, origin[1], origin[2] if per_layer else None)) not in counted_blocks:
+            elif not (per_layer and converted) and key not in counted_blocks:
                 counted_blocks.add(key)
                 total += size
         if first == 0:

@@ -80,6 +80,13 @@ def check(value, schema, where: str = "the manifest") -> None:
             check(item, schema.values, f"{where}[{key!r}]")
 
 
+def _split_once(shape: list[int], full_shape: list[int]) -> bool:
+    """`shape` is `full_shape` with one dimension split in two, e.g. (S, Hkv, n_rep, Dh) for (S, H, Dh)."""
+    return len(shape) == len(full_shape) + 1 and any(
+        shape[:d] == full_shape[:d] and shape[d + 2:] == full_shape[d + 1:] and shape[d] * shape[d + 1] == full_shape[d]
+        for d in range(len(full_shape)))
+
+
 def check_placement(place: dict, block_numel: int, full_shape: list[int], weight: bool, n_rep: int,
                     where: str) -> None:
     """Values lie inside their block and do not overlap themselves, except for the one repetition
@@ -87,10 +94,12 @@ def check_placement(place: dict, block_numel: int, full_shape: list[int], weight
     shows more than n_rep times the elements the file stores (a huge shape on zero strides would
     otherwise render gigabytes from a few bytes)."""
     shape, stride, offset = place["shape"], place["stride"], place["offset"]
-    if len(shape) != len(stride) or len(shape) != len(full_shape) or offset < 0 or \
+    split = not weight and _split_once(shape, full_shape)  # kept grouped: see stages.hooks.record
+    if len(shape) != len(stride) or (len(shape) != len(full_shape) and not split) or offset < 0 or \
             min(shape, default=0) < 0 or min(stride, default=0) < 0:
         raise UserError(f"damaged trace file: the values of {where} are misplaced")
-    if (not weight and shape != full_shape) or any(s > f for s, f in zip(shape, full_shape, strict=True)):
+    if not split and ((not weight and shape != full_shape) or any(s > f for s, f in zip(shape, full_shape,
+                                                                                         strict=True))):
         raise UserError(f"damaged trace file: {where} says its shape is {tuple(full_shape)} but its values "
                         f"are {tuple(shape)}")
     if math.prod(shape) == 0:
