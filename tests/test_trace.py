@@ -5,6 +5,7 @@ from stages import STAGES, generate
 from stages import hooks
 from stages.hooks import record
 from trace import Capture, traced_run
+from trace.recorder import Recorder
 
 # The ordered (stage, tensor) names recorded at the prompt step for layer 0,
 # with the once-per-run and once-per-step stages around it.
@@ -68,6 +69,43 @@ def test_statistics_are_those_of_the_values(tiny):
     v = r.values
     assert r.stats["min"] == v.min().item() and r.stats["max"] == v.max().item()
     assert abs(r.stats["mean"] - v.mean().item()) < 1e-6
+
+
+def test_statistics_computed_as_the_run_goes_are_those_of_the_values(embedded_model):
+    """Without kept values, statistics are computed during the run (small tensors in one batched pass
+    per step, repetitions as one copy): they equal those of the values a full capture keeps."""
+    ids = embedded_model.tokenizer.encode("The capital of France is", add_bos=False)
+    runs = {}
+    for label, capture in (("statistics", Capture(rules=())), ("values", Capture.everything())):
+        recorder = Recorder(capture)
+        with hooks.recording(recorder):
+            generate(embedded_model, ids, 3)
+        runs[label] = recorder.records
+    computed = [r for r in runs["statistics"] if r.step is not None and r.role != "weight"]
+    assert all(r.values is None for r in computed)
+    kept = [r for r in runs["values"] if r.step is not None and r.role != "weight"]
+    assert [(r.step, r.layer, r.stage, r.name) for r in computed] == [(r.step, r.layer, r.stage, r.name) for r in kept]
+    for a, b in zip(computed, kept, strict=True):
+        v = b.values.double() if not b.values.is_complex() else torch.view_as_real(b.values).double()
+        if v.numel() == 0 or not torch.isfinite(v).all():  # the mask: -inf, mean and std undefined
+            continue
+        expected = torch.tensor([v.min(), v.max(), v.mean(), v.std(unbiased=False)], dtype=torch.float64)
+        got = torch.tensor(list(a.stats.values()), dtype=torch.float64)
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * v.abs().max().item()), (a.step, a.layer, a.stage, a.name)
+
+
+def test_repeated_keys_are_the_cache_seen_n_rep_times_never_a_copy(tiny):
+    model, _ = tiny
+    n_rep = model.config.n_heads // model.config.n_kv_heads
+    trace = traced_run(model, "the cat", chat=False, max_new_tokens=3, capture=Capture.everything())
+    for step in range(trace.n_steps):
+        keys = trace.record(12, "keys", step=step, layer=1)
+        for name, heads_first in (("keys (repeated)", False), ("keys (transposed)", True)):
+            r = trace.record(12, name, step=step, layer=1)
+            expected = keys.values.repeat_interleave(n_rep, dim=1)  # (P+T, H, Dh)
+            assert r.shape == tuple(expected.transpose(0, 1).shape if heads_first else expected.shape)
+            assert torch.equal(r.values, expected.transpose(0, 1) if heads_first else expected)
+            assert r._values.untyped_storage().data_ptr() == keys._values.untyped_storage().data_ptr()
 
 
 def test_recorded_snapshots_do_not_change_later(tiny):

@@ -8,20 +8,24 @@ themselves only where the capture policy says so, and only up to a budget.
 Weights are the model's own, not something the run computed: their records
 keep statistics and a corner of the values, enough for the tables.
 """
+import math
 import weakref
 from dataclasses import dataclass, field
 
 import torch
 
 from stages.pipelines import PLAIN, Pipeline
+from stages.registry import TensorSpec
 
 STAT_NAMES = ("min", "max", "mean", "std")
 WEIGHT_CORNER = (8, 16)  # rows, columns of a weight kept for previews
+BATCHED_NUMEL = 16384  # tensors up to this size wait for one batched statistics pass per step
+PENDING_NUMEL = 1 << 22  # or fewer, when this many elements wait (16 MiB of float32)
 # id(weight) -> (a weak reference to it, its statistics); the reference tells a live entry from a stale one.
 _WEIGHT_STATS: dict[int, tuple[weakref.ref, torch.Tensor | None]] = {}
 
 
-@dataclass
+@dataclass(slots=True)
 class TensorRecord:
     step: int | None  # None: before the generation loop (stages 1 and 2)
     layer: int | None  # None: outside the blocks
@@ -44,12 +48,23 @@ class TensorRecord:
 
     @property
     def values(self) -> torch.Tensor | None:
-        """The kept values on the CPU (a corner for weights), or None where only statistics were kept."""
-        return None if self._values is None else self._values.cpu()
+        """The kept values on the CPU (a corner for weights), or None where only statistics were kept.
+        Values kept with a dimension split in two (see stages.hooks.record) are put in their shape here."""
+        if self._values is None:
+            return None
+        values = self._values.cpu()
+        if values.shape != self.shape and values.numel() == math.prod(self.shape):
+            values = values.reshape(self.shape)
+        return values
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    if dtype not in _DTYPE_NAMES:
+        _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
+    return _DTYPE_NAMES[dtype]
+
+
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
 
 
 def _stats(t: torch.Tensor) -> torch.Tensor | None:
@@ -67,6 +82,28 @@ def _stats(t: torch.Tensor) -> torch.Tensor | None:
     return torch.stack([lo.double(), hi.double(), mean, std])  # stays on the device until read
 
 
+def _batched_stats(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The statistics of many small non-empty tensors, as `_stats` computes them, in a few passes per
+    size: tensors of one size are stacked into rows and reduced row by row (the tensors of a decode
+    step come in a handful of sizes; one tensor at a time, the overhead of each operation would
+    cost more than the arithmetic)."""
+    rows = [(torch.view_as_real(t) if t.is_complex() else t).reshape(-1) for t in tensors]
+    rows = [row if row.is_floating_point() else row.double() for row in rows]
+    by_size: dict[tuple, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_size.setdefault((row.numel(), row.dtype, row.device), []).append(i)
+    stats: list[torch.Tensor | None] = [None] * len(rows)
+    for (n, _, _), members in by_size.items():
+        m = torch.stack([rows[i] for i in members])  # (k, n)
+        lo, hi = torch.aminmax(m, dim=1)
+        mean = m.sum(dim=1).double() / n
+        square_mean = torch.linalg.vector_norm(m, dim=1).double() ** 2 / n
+        table = torch.stack([lo.double(), hi.double(), mean, (square_mean - mean * mean).clamp(min=0).sqrt()], dim=1)
+        for i, row in zip(members, table, strict=True):
+            stats[i] = row
+    return stats
+
+
 @dataclass(frozen=True)
 class Ranges:
     """A set of whole numbers as inclusive ranges: '0,3,5-7' is ((0, 0), (3, 3), (5, 7)).
@@ -74,7 +111,10 @@ class Ranges:
     spans: tuple[tuple[int, int], ...]
 
     def __contains__(self, value: int) -> bool:
-        return any(lo <= value <= hi for lo, hi in self.spans)
+        for lo, hi in self.spans:  # a plain loop: asked at every stage, step and layer of a run
+            if lo <= value <= hi:
+                return True
+        return False
 
     @property
     def largest(self) -> int:
@@ -145,29 +185,63 @@ class Capture:
 class Recorder:
     def __init__(self, capture: Capture = Capture(), pipeline: Pipeline = PLAIN):
         self.capture, self.pipeline = capture, pipeline
-        self.records: list[TensorRecord] = []
+        self._records: list[TensorRecord] = []
         self.step: int | None = None
         self.layer: int | None = None
         self.kept_bytes = 0
         self.budget_hit_at: tuple[int | None, int | None] | None = None  # (step, layer) where values stopped
         self._kept_storages: set[int] = set()
+        # Statistics of one place in the run (a step and layer), by the memory they describe:
+        # computed (tensor, statistics), or waiting for one batched pass (tensor, records).
         self._stats_here: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._pending: dict[tuple, tuple[torch.Tensor, list[TensorRecord]]] = {}
+        self._pending_numel = 0  # the elements waiting: they hold memory, so they are bounded
         self._converted: dict[tuple, torch.Tensor] = {}
+        self._keeps: dict[tuple, bool] = {}  # (stage, step, layer) -> whether values are kept there
+        self._specs: dict[tuple, TensorSpec] = {}
+
+    @property
+    def records(self) -> list[TensorRecord]:
+        self._flush()
+        return self._records
 
     def at(self, **where: int | None) -> None:
+        if "step" in where or self._pending_numel > PENDING_NUMEL:  # one batched pass per step, if it is small
+            self._flush()
         for key, value in where.items():
             setattr(self, key, value)
         self._stats_here.clear()
         self._converted.clear()
 
-    def _statistics(self, tensor: torch.Tensor) -> torch.Tensor | None:
+    def _flush(self) -> None:
+        """The statistics of the small tensors waiting, in one batched pass."""
+        waiting = list(self._pending.values())
+        self._pending.clear()
+        self._pending_numel = 0
+        for (_, records), stats in zip(waiting, _batched_stats([tensor for tensor, _ in waiting]), strict=True):
+            for record in records:
+                record._stats = stats
+
+    def _statistics(self, tensor: torch.Tensor, record: TensorRecord, now: bool) -> None:
         # The same memory shown again (the stage 8 output as stage 9's input, a reshape, a
-        # transpose) has the same statistics: compute them once per place in the run. The cache
-        # holds the tensor, so its memory cannot be reused for another tensor meanwhile.
+        # transpose) has the same statistics: computed once per place in the run. The caches
+        # hold the tensor, so its memory cannot be reused for another tensor meanwhile.
+        if tensor.numel() == 0:
+            return
+        for dim, step in enumerate(tensor.stride()):
+            if step == 0:  # a repetition (the keys of grouped-query attention) has the statistics of one copy
+                tensor = tensor.narrow(dim, 0, 1)
         key = (tensor.data_ptr(), tensor.numel(), tensor.dtype, tensor.device)
-        if key not in self._stats_here:
-            self._stats_here[key] = (tensor, _stats(tensor))
-        return self._stats_here[key][1]
+        if key in self._stats_here:
+            record._stats = self._stats_here[key][1]
+        elif key in self._pending:
+            self._pending[key][1].append(record)
+        elif tensor.numel() <= BATCHED_NUMEL and not now:
+            self._pending[key] = (tensor, [record])  # many small tensors: one pass is far cheaper
+            self._pending_numel += tensor.numel()
+        else:
+            record._stats = _stats(tensor)
+            self._stats_here[key] = (tensor, record._stats)
 
     def _keep(self, tensor: torch.Tensor, copy: bool, weight: bool) -> torch.Tensor | None:
         if weight:
@@ -197,25 +271,30 @@ class Recorder:
             self._converted[key] = whole.to(store)
         return self._converted[key].as_strided(tensor.shape, tensor.stride(), tensor.storage_offset())
 
-    def record(self, stage: int, name: str, tensor: torch.Tensor, copy: bool) -> None:
-        spec = self.pipeline.stage(stage).spec(name)  # a name missing from the registry is a bug: fail loudly
+    def record(self, stage: int, name: str, tensor: torch.Tensor, copy: bool,
+               shape: tuple[int, ...] | None = None) -> None:
+        if (stage, name) not in self._specs:  # a name missing from the registry is a bug: fail loudly
+            self._specs[stage, name] = self.pipeline.stage(stage).spec(name)
+        spec = self._specs[stage, name]
+        record = TensorRecord(self.step, self.layer, stage, name, spec.role, spec.shape, dtype_name(tensor.dtype),
+                              tuple(shape or tensor.shape))
+        self._records.append(record)
         if tensor.is_meta:  # shapes only: there are no numbers to summarise or keep
-            self.records.append(TensorRecord(step=self.step, layer=self.layer, stage=stage, name=name, role=spec.role,
-                                             symbolic=spec.shape, dtype=dtype_name(tensor.dtype),
-                                             shape=tuple(tensor.shape)))
             return
         weight = spec.role == "weight"
         if weight:
-            # Weights do not change: their statistics are computed once per weight, for every run.
+            # Weights do not change: their statistics are computed once per weight (the model's own
+            # tensor object, not a detached copy of it), for every run.
             known = _WEIGHT_STATS.get(id(tensor))
             if known is None or known[0]() is not tensor:
                 known = _WEIGHT_STATS[id(tensor)] = (weakref.ref(tensor), _stats(tensor.detach()))
-            weight_stats = known[1]
+            record._stats = known[1]
         tensor = tensor.detach()
-        values = self._keep(tensor, copy, weight) if self.capture.keeps(stage, self.step, self.layer) else None
+        place = (stage, self.step, self.layer)
+        if place not in self._keeps:
+            self._keeps[place] = self.capture.keeps(*place)
+        if self._keeps[place]:
+            record._values = self._keep(tensor, copy, weight)
         # Values kept exactly give their statistics later, when asked for: the run stays fast.
-        exact = values is not None and not weight and values.dtype == tensor.dtype
-        self.records.append(TensorRecord(
-            step=self.step, layer=self.layer, stage=stage, name=name, role=spec.role, symbolic=spec.shape,
-            dtype=dtype_name(tensor.dtype), shape=tuple(tensor.shape),
-            _stats=weight_stats if weight else None if exact else self._statistics(tensor), _values=values))
+        if not weight and (record._values is None or record._values.dtype != tensor.dtype):
+            self._statistics(tensor, record, now=copy)  # memory written in place later: summarised now
