@@ -9,7 +9,8 @@ Measures, alternating the things compared and reporting medians and ratios
   2. the traced run, default capture and --capture all, against the untraced one,
      on a 200-token prompt;
   3. the values a trace keeps (bytes per token per layer) and the saved file's size;
-  4. time from the command to the first table, without and with the model cached;
+  4. time from the command to the first table, without and with the model cached, and the peak
+     memory of the README's main command;
   5. the implementations untraced: the serving engine's packed layers (--impl packed) against
      the plain stages.
 
@@ -154,18 +155,25 @@ def implementations(model, ids, repeats) -> dict:
 
 
 def first_table(repeats: int) -> dict:
-    """Wall time of `python -m trace run ... --max-new-tokens 1` until it exits, after printing the table."""
-    command = [sys.executable, "-m", "trace", "run", "What is the capital of France?", "--max-new-tokens", "1"]
+    """Wall time of `python -m trace run ... --max-new-tokens 1` until it exits, after printing the table;
+    and the peak memory (RSS) of the README's main command, `python -m trace run "..."`, model cached."""
+    question = "What is the capital of France?"
 
-    def once(env):
+    def once(env, *extra):
         started = time.perf_counter()
-        subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "trace", "run", question, *extra], cwd=ROOT, env=env, check=True,
+                       capture_output=True)
         return time.perf_counter() - started
 
     with tempfile.TemporaryDirectory() as empty:
-        cold = once({**os.environ, "LLAMA_TRACE_CACHE": empty})  # fetches the model first (network)
-    cached = statistics.median(once(dict(os.environ)) for _ in range(repeats))
-    return {"cold_fetch_s": cold, "model_cached_s": cached}
+        cold = once({**os.environ, "LLAMA_TRACE_CACHE": empty}, "--max-new-tokens", "1")  # fetches the model first
+    cached = statistics.median(once(dict(os.environ), "--max-new-tokens", "1") for _ in range(repeats))
+    # A fresh parent per measurement: its children's peak is this command's alone.
+    peak = subprocess.run([sys.executable, "-c", "import resource, subprocess, sys; subprocess.run(sys.argv[1:], "
+                           "check=True, capture_output=True); print(resource.getrusage(resource.RUSAGE_CHILDREN)"
+                           ".ru_maxrss)", sys.executable, "-m", "trace", "run", question],
+                          cwd=ROOT, check=True, capture_output=True, text=True)
+    return {"cold_fetch_s": cold, "model_cached_s": cached, "main_command_peak_rss_bytes": int(peak.stdout) * 1024}
 
 
 def main() -> int:
@@ -221,6 +229,7 @@ def main() -> int:
          f"{mem['default']['saved_file_bytes'] / 2**20:.1f} MiB, {mem['all']['saved_file_bytes'] / 2**20:.1f} MiB"),
         ("command to first table: model fetched / cached",
          f"{ft['cold_fetch_s']:.1f} s / {ft['model_cached_s']:.1f} s"),
+        ("peak memory (RSS) of the main command", f"{ft['main_command_peak_rss_bytes'] / 2**30:.2f} GiB"),
         ("--impl packed / plain, untraced: prompt step, decode tokens/s",
          f"{packed['prompt_step_ratio_to_plain']:.2f}x time, {packed['decode_ratio_to_plain']:.2f}x tokens/s"),
     ]
