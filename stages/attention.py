@@ -107,11 +107,14 @@ def calculate_scores(xq: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | 
 def calculate_output(probs: torch.Tensor, values: torch.Tensor, wo: torch.Tensor) -> torch.Tensor:
     """Stage 14. probs (H, T, P+T) · values (H, P+T, Dh) -> (H, T, Dh) -> (T, H·Dh) -> wo -> (T, D).
     values come grouped by KV head, as (Hkv, n_rep, P+T, Dh) (see do_transposes)."""
-    H, _, seq = probs.shape
+    H, T, seq = probs.shape
     record(14, "scores (softmax)", probs)
     record(14, "values (transposed)", values, shape=(H, seq, values.shape[-1]))
-    output = record(14, "head outputs", grouped_matmul(probs, values))  # (H, T, Dh)
-    merged = record(14, "heads merged", output.transpose(0, 1).flatten(1))  # (T, H, Dh) -> (T, H·Dh)
+    output = grouped_matmul(probs, values)  # (H, T, Dh)
+    merged = output.transpose(0, 1).flatten(1)  # (T, H, Dh) -> (T, H·Dh)
+    # The head outputs are shown in the merged tensor's memory (the same numbers): one copy, not two.
+    record(14, "head outputs", merged.view(T, H, -1).transpose(0, 1))  # (T, H, Dh) -> (H, T, Dh)
+    record(14, "heads merged", merged)
     record(14, "wo", wo)
     return record(14, "attention output", F.linear(merged, wo))  # (T, D)
 

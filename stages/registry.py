@@ -181,7 +181,8 @@ STAGES: tuple[Stage, ...] = (
           "The softmax weights mix the values; the heads are put side by side again and the "
           "linear map wo brings them back to the model dimension.",
           (spec_in("scores (softmax)", "(H, T, P+T)", 13), spec_in("values (transposed)", "(H, P+T, Dh)", 12),
-           spec("mid", "head outputs", "(H, T, Dh)"), spec("mid", "heads merged", "(T, H·Dh)"),
+           spec("mid", "head outputs", "(H, T, Dh)", "heads merged"),
+           spec("mid", "heads merged", "(T, H·Dh)"),
            spec("weight", "wo", "(D, H·Dh)"), spec("out", "attention output", "(T, D)")),
           (op("softmax · values", ("scores (softmax)", "values (transposed)"), "head outputs"),
            op("transpose, merge heads", "head outputs", "heads merged"),
