@@ -22,7 +22,7 @@ WEIGHT_CORNER = (8, 16)  # rows, columns of a weight kept for previews
 BATCHED_NUMEL = 16384  # tensors up to this size wait for one batched statistics pass per step
 PENDING_NUMEL = 1 << 22  # or fewer, when this many elements wait (16 MiB of float32)
 # id(weight) -> (a weak reference to it, its statistics); the reference tells a live entry from a stale one.
-_WEIGHT_STATS: dict[int, tuple[weakref.ref, torch.Tensor | None]] = {}
+_WEIGHT_STATS: dict[int, tuple[weakref.ref, "Sums | None"]] = {}
 
 
 @dataclass(slots=True)
@@ -35,15 +35,18 @@ class TensorRecord:
     symbolic: str
     dtype: str  # the dtype the model computed in (values may be stored smaller: see Capture.store_dtype)
     shape: tuple[int, ...]
-    _stats: torch.Tensor | None = field(default=None, repr=False)  # (4) float64, read back lazily
+    _stats: torch.Tensor | None = field(default=None, repr=False)  # (4) float64: STAT_NAMES, once asked for
+    _sums: "Sums | None" = field(default=None, repr=False)  # what the run computed them from (see _sums)
     _values: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def stats(self) -> dict[str, float] | None:
-        if self._stats is None and self._values is not None:
-            self._stats = _stats(self._values)  # kept exactly: computed when first asked for
         if self._stats is None:
-            return None
+            # Values kept exactly give their statistics only when asked for: the run stays fast.
+            sums = self._sums if self._sums is not None or self._values is None else _sums(self._values)
+            if sums is None:
+                return None
+            self._stats = _finish(sums)
         return dict(zip(STAT_NAMES, self._stats.tolist(), strict=True))
 
     @property
@@ -67,41 +70,56 @@ def dtype_name(dtype: torch.dtype) -> str:
 _DTYPE_NAMES: dict[torch.dtype, str] = {}
 
 
-def _stats(t: torch.Tensor) -> torch.Tensor | None:
+# A tensor's (min, max, sum, L2 norm) as a (4) tensor, still on its device, and how many numbers
+# they summarise. Four reductions and nothing else during the run: mean and standard deviation
+# are made from them when first shown (a dozen small operations per tensor, ~2,000 tensors per
+# step, would cost more than the reductions themselves).
+Sums = tuple[torch.Tensor, int]
+
+
+def _summed(t: torch.Tensor) -> torch.Tensor:
+    """`t` as real numbers that sum accurately: complex as pairs, integers as float64, halves as float32."""
+    real = torch.view_as_real(t) if t.is_complex() else t
+    if not real.is_floating_point():
+        return real.double()
+    return real.float() if real.itemsize < 4 else real
+
+
+def _sums(t: torch.Tensor) -> Sums | None:
     if t.numel() == 0:
         return None
-    real = torch.view_as_real(t) if t.is_complex() else t
-    real = real.double() if not real.is_floating_point() else real
+    real = _summed(t)
     lo, hi = torch.aminmax(real)
     # A sum and a norm are one fast pass each, with pairwise (accurate) accumulation; torch.std_mean
     # and float64 accumulation are ten times slower, and the trace must stay cheap.
-    n = real.numel()
-    mean = real.sum().double() / n
-    square_mean = torch.linalg.vector_norm(real).double() ** 2 / n
-    std = (square_mean - mean * mean).clamp(min=0).sqrt()
-    return torch.stack([lo.double(), hi.double(), mean, std])  # stays on the device until read
+    return torch.stack([lo, hi, real.sum(), torch.linalg.vector_norm(real)]), real.numel()
 
 
-def _batched_stats(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The statistics of many small non-empty tensors, as `_stats` computes them, in a few passes per
-    size: tensors of one size are stacked into rows and reduced row by row (the tensors of a decode
-    step come in a handful of sizes; one tensor at a time, the overhead of each operation would
-    cost more than the arithmetic)."""
-    rows = [(torch.view_as_real(t) if t.is_complex() else t).reshape(-1) for t in tensors]
-    rows = [row if row.is_floating_point() else row.double() for row in rows]
+def _batched_sums(tensors: list[torch.Tensor]) -> list[Sums]:
+    """`_sums` of many small non-empty tensors, in four reductions per size: tensors of one size are
+    stacked into rows and reduced row by row (the tensors of a decode step come in a handful of
+    sizes; one tensor at a time, the overhead of each operation would cost more than the arithmetic)."""
+    rows = [_summed(t).reshape(-1) for t in tensors]
     by_size: dict[tuple, list[int]] = {}
     for i, row in enumerate(rows):
         by_size.setdefault((row.numel(), row.dtype, row.device), []).append(i)
-    stats: list[torch.Tensor | None] = [None] * len(rows)
+    sums: list[Sums | None] = [None] * len(rows)
     for (n, _, _), members in by_size.items():
         m = torch.stack([rows[i] for i in members])  # (k, n)
         lo, hi = torch.aminmax(m, dim=1)
-        mean = m.sum(dim=1).double() / n
-        square_mean = torch.linalg.vector_norm(m, dim=1).double() ** 2 / n
-        table = torch.stack([lo.double(), hi.double(), mean, (square_mean - mean * mean).clamp(min=0).sqrt()], dim=1)
+        table = torch.stack([lo, hi, m.sum(dim=1), torch.linalg.vector_norm(m, dim=1)], dim=1)  # (k, 4)
         for i, row in zip(members, table, strict=True):
-            stats[i] = row
-    return stats
+            sums[i] = (row, n)
+    return sums
+
+
+def _finish(sums: Sums) -> torch.Tensor:
+    """(4) float64: min, max, mean and standard deviation, from the sums."""
+    (lo, hi, total, norm), n = sums[0].tolist(), sums[1]
+    mean = total / n
+    variance = norm * norm / n - mean * mean  # nan where the values hold infinities (the mask)
+    std = variance if variance != variance else math.sqrt(max(variance, 0.0))
+    return torch.tensor([lo, hi, mean, std], dtype=torch.float64)
 
 
 @dataclass(frozen=True)
@@ -193,7 +211,7 @@ class Recorder:
         self._kept_storages: set[int] = set()
         # Statistics of one place in the run (a step and layer), by the memory they describe:
         # computed (tensor, statistics), or waiting for one batched pass (tensor, records).
-        self._stats_here: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._stats_here: dict[tuple, tuple[torch.Tensor, Sums]] = {}
         self._pending: dict[tuple, tuple[torch.Tensor, list[TensorRecord]]] = {}
         self._pending_numel = 0  # the elements waiting: they hold memory, so they are bounded
         self._converted: dict[tuple, torch.Tensor] = {}
@@ -218,9 +236,9 @@ class Recorder:
         waiting = list(self._pending.values())
         self._pending.clear()
         self._pending_numel = 0
-        for (_, records), stats in zip(waiting, _batched_stats([tensor for tensor, _ in waiting]), strict=True):
+        for (_, records), sums in zip(waiting, _batched_sums([tensor for tensor, _ in waiting]), strict=True):
             for record in records:
-                record._stats = stats
+                record._sums = sums
 
     def _statistics(self, tensor: torch.Tensor, record: TensorRecord, now: bool) -> None:
         # The same memory shown again (the stage 8 output as stage 9's input, a reshape, a
@@ -233,15 +251,15 @@ class Recorder:
                 tensor = tensor.narrow(dim, 0, 1)
         key = (tensor.data_ptr(), tensor.numel(), tensor.dtype, tensor.device)
         if key in self._stats_here:
-            record._stats = self._stats_here[key][1]
+            record._sums = self._stats_here[key][1]
         elif key in self._pending:
             self._pending[key][1].append(record)
         elif tensor.numel() <= BATCHED_NUMEL and not now:
             self._pending[key] = (tensor, [record])  # many small tensors: one pass is far cheaper
             self._pending_numel += tensor.numel()
         else:
-            record._stats = _stats(tensor)
-            self._stats_here[key] = (tensor, record._stats)
+            record._sums = _sums(tensor)
+            self._stats_here[key] = (tensor, record._sums)
 
     def _keep(self, tensor: torch.Tensor, copy: bool, weight: bool) -> torch.Tensor | None:
         if weight:
@@ -287,8 +305,8 @@ class Recorder:
             # tensor object, not a detached copy of it), for every run.
             known = _WEIGHT_STATS.get(id(tensor))
             if known is None or known[0]() is not tensor:
-                known = _WEIGHT_STATS[id(tensor)] = (weakref.ref(tensor), _stats(tensor.detach()))
-            record._stats = known[1]
+                known = _WEIGHT_STATS[id(tensor)] = (weakref.ref(tensor), _sums(tensor.detach()))
+            record._sums = known[1]
         tensor = tensor.detach()
         place = (stage, self.step, self.layer)
         if place not in self._keeps:
