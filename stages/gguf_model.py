@@ -8,6 +8,7 @@ as they are. Llama 3.1's RoPE scaling comes as the tensor rope_freqs.
 """
 import re
 from pathlib import Path
+from typing import Callable
 
 import gguf
 import numpy as np
@@ -156,15 +157,17 @@ def read_gguf(path: Path, dtype: torch.dtype = torch.float32, progress: Progress
               shapes_only: bool = False) -> Checkpoint:
     """A GGUF file's model; weights in `dtype` on the CPU (none with `shapes_only`)."""
     reader = open_gguf(path)
-    fields = read_fields(reader)
-    weights = None if shapes_only else load_weights(reader, config_from_fields(fields), dtype, progress)
-    return checkpoint_from_fields(path, fields, weights, _source(reader),
-                                  tied="output.weight" not in {t.name for t in reader.tensors})
+    return checkpoint_from_fields(path, read_fields(reader),
+                                  lambda config: None if shapes_only else load_weights(reader, config, dtype, progress),
+                                  _source(reader), tied="output.weight" not in {t.name for t in reader.tensors})
 
 
-def checkpoint_from_fields(path: Path, fields: dict, weights: Weights | None, source: str, tied: bool) -> Checkpoint:
-    """The checkpoint a GGUF file's metadata describes, with these weights."""
+def checkpoint_from_fields(path: Path, fields: dict, weights_of: Callable[[ModelConfig], Weights | None],
+                           source: str, tied: bool) -> Checkpoint:
+    """The checkpoint a GGUF file's metadata describes, with the weights `weights_of` gives for its
+    config (asked for once the config and the tokenizer are known to be sound)."""
     config = config_from_fields(fields)
+    tokenizer = Tokenizer.from_gguf_fields(fields, config.vocab_size)
     name = fields.get("general.name")
-    return Checkpoint(name if isinstance(name, str) and name.strip() else path.stem, config, weights,
-                      Tokenizer.from_gguf_fields(fields, config.vocab_size), source, tied)
+    return Checkpoint(name if isinstance(name, str) and name.strip() else path.stem, config, weights_of(config),
+                      tokenizer, source, tied)

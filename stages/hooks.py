@@ -23,7 +23,7 @@ def record(stage: int, name: str, tensor: torch.Tensor, copy: bool = False,
            shape: tuple[int, ...] | None = None) -> torch.Tensor:
     """Show `tensor` as `name` of stage `stage`; returns it unchanged.
 
-    `copy=True` is for buffers that are later written in place (the KV cache):
+    `copy=True` is for buffers that are later written in place (the tokens):
     the sink must keep a snapshot, not a reference. `shape` is the shape the
     diagram shows where `tensor` holds it with one dimension split in two (the
     keys repeated for grouped-query attention, a view that a reshape would copy).

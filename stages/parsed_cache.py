@@ -7,13 +7,15 @@ as memory-mapped safetensors. Later runs read those instead: the same numbers, i
 the time, and pages of the weights shared with the page cache instead of copied.
 
 The folder names the file it was made from (size, modification time, inode, checksum): a
-rewritten or replaced GGUF is parsed anew. A cache that cannot be written (a read-only or full
-disk) only costs the time.
+rewritten or replaced GGUF is parsed anew, and so is a copy damaged in any way. A cache that
+cannot be written (a read-only or full disk) only costs the time; a file or folder of that name
+that this module did not make is left alone.
 """
 import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
@@ -22,10 +24,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import Checkpoint, Progress
-from .gguf_model import _source, checkpoint_from_fields, config_from_fields, load_weights, open_gguf, read_fields
-from .weights import LayerWeights, Weights
+from .errors import UserError
+from .gguf_model import (_source, checkpoint_from_fields, config_from_fields, load_weights, open_gguf, read_fields,
+                         read_gguf)
+from .weights import LayerWeights, Weights, shapes_only_weights
 
-FORMAT = 1  # raised whenever what the folder holds changes
+FORMAT = 2  # raised whenever what the folder holds changes
+STALE_PARTIAL_S = 3600  # a half-written folder older than this was left by a writer that was killed
 LAYER_NAMES = [f.name for f in dataclass_fields(LayerWeights)]
 
 
@@ -52,32 +57,69 @@ def _unflat(flat: dict[str, torch.Tensor], n_layers: int, dtype: torch.dtype) ->
                    rope_freqs=flat.get("rope_freqs"))  # float32 always, as the GGUF reader gives it
 
 
+def _same_shapes(weights: Weights, expected: Weights) -> bool:
+    pairs = [(weights.tok_embeddings, expected.tok_embeddings), (weights.norm, expected.norm),
+             (weights.output, expected.output)]
+    pairs += [(getattr(mine, name), getattr(theirs, name))
+              for mine, theirs in zip(weights.layers, expected.layers, strict=True) for name in LAYER_NAMES]
+    return all(mine.shape == theirs.shape for mine, theirs in pairs)
+
+
+def _identity(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
 def _read(folder: Path, made_from: str, path: Path, dtype: torch.dtype, shapes_only: bool) -> Checkpoint | None:
+    """The checkpoint the folder holds, or None where it is absent, stale or damaged in any way."""
     try:
         meta = json.loads((folder / "model.json").read_text(encoding="utf-8"))
-        if meta.get("format") != FORMAT or meta.get("made_from") != made_from:
+        if not (isinstance(meta, dict) and meta.get("format") == FORMAT and meta.get("made_from") == made_from
+                and isinstance(meta.get("fields"), dict) and isinstance(meta.get("source"), str)
+                and isinstance(meta.get("tied"), bool)
+                and meta.get("weights") == _identity(folder / "weights.safetensors")):
             return None
-        config = config_from_fields(meta["fields"])
-        weights = None if shapes_only else _unflat(load_file(folder / "weights.safetensors"), config.n_layers, dtype)
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError):  # absent or damaged: parse the GGUF
-        return None
-    return checkpoint_from_fields(path, meta["fields"], weights, meta["source"], meta["tied"])
+        weights = None
+        if not shapes_only:
+            config = config_from_fields(meta["fields"])
+            weights = _unflat(load_file(folder / "weights.safetensors"), config.n_layers, dtype)
+            if len(weights.layers) != config.n_layers or not _same_shapes(
+                    weights, shapes_only_weights(config, dtype, meta["tied"])):
+                return None
+        return checkpoint_from_fields(path, meta["fields"], lambda config: weights, meta["source"], meta["tied"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError, UserError):
+        return None  # absent or damaged: the GGUF file, which is checked, is parsed again
+
+
+def _ours(folder: Path) -> bool:
+    """A folder this module made (holding its model.json), not one of the user's that has the name."""
+    return folder.is_dir() and not folder.is_symlink() and (folder / "model.json").is_file()
 
 
 def _write(folder: Path, made_from: str, fields: dict, weights: Weights, source: str, tied: bool) -> None:
+    if folder.exists() and not _ours(folder) or folder.is_symlink():
+        return  # somebody else's file or folder: left alone, and the GGUF parsed each time
+    for partial in folder.parent.glob(folder.name + ".partial.*"):  # of a writer killed midway, long ago
+        if time.time() - partial.stat().st_mtime > STALE_PARTIAL_S:
+            shutil.rmtree(partial, ignore_errors=True)
     made = []  # folders of ours to remove at the end, whatever happens
     try:
         made.append(tmp := Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".partial.")))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache folder beside it is not
         save_file(_flat(weights), tmp / "weights.safetensors")
-        meta = {"format": FORMAT, "made_from": made_from, "fields": fields, "source": source, "tied": tied}
+        meta = {"format": FORMAT, "made_from": made_from, "weights": _identity(tmp / "weights.safetensors"),
+                "fields": fields, "source": source, "tied": tied}
         (tmp / "model.json").write_text(json.dumps(meta), encoding="utf-8")
-        if folder.is_dir():  # stale (made from another file, or of another format): moved aside first
+        # mkdtemp and safetensors make them private: they get the GGUF file's own permissions (a shared cache)
+        readable = folder.parent.joinpath(folder.name.removesuffix(".parsed")).stat().st_mode & 0o666
+        for made_path, mode in ((tmp, readable | (readable & 0o444) >> 2), (tmp / "weights.safetensors", readable),
+                                (tmp / "model.json", readable)):
+            made_path.chmod(mode)
+        if _ours(folder):  # stale (made from another file, or of another format): moved aside first
             made.append(trash := Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".stale.")))
             os.replace(folder, trash / "old")
         os.replace(tmp, folder)  # atomic: a reader sees no folder or the whole new one
-    except (OSError, TypeError, ValueError):  # a read-only or full disk, a race lost: nothing lost but time
-        pass
+    except (OSError, TypeError, ValueError, SafetensorError):  # a read-only or full disk, a race lost
+        pass  # nothing lost but time: the next run tries again
     finally:
         for tree in made:
             shutil.rmtree(tree, ignore_errors=True)
@@ -90,11 +132,13 @@ def read_parsed_once(path: Path, made_from: str, dtype: torch.dtype = torch.floa
     cached = _read(folder, made_from, path, dtype, shapes_only)
     if cached is not None:
         return cached
+    if shapes_only:  # no weights wanted: nothing to dequantize, nor to keep
+        return read_gguf(path, dtype, progress, shapes_only=True)
     reader = open_gguf(path)
     fields = read_fields(reader)
-    weights = load_weights(reader, config_from_fields(fields), torch.float32, progress)
+    config = config_from_fields(fields)
+    weights = load_weights(reader, config, torch.float32, progress)
     source, tied = _source(reader), "output.weight" not in {t.name for t in reader.tensors}
     _write(folder, made_from, fields, weights, source, tied)
-    config = config_from_fields(fields)
-    return checkpoint_from_fields(path, fields, None if shapes_only else _unflat(_flat(weights), config.n_layers, dtype),
+    return checkpoint_from_fields(path, fields, lambda config: _unflat(_flat(weights), config.n_layers, dtype),
                                   source, tied)

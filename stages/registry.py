@@ -25,6 +25,7 @@ class TensorSpec:
     # RoPE layout (interleaved pairs, or rotate-half halves), so that two pipelines' copies are equal
     # after one is reordered (stages.rope.reorder).
     rope_ordered: bool = False
+    grouped: bool = False  # see GROUPED
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,12 @@ class Stage:
 
 
 def spec(role: str, name: str, shape: str, view_of: str | None = None) -> TensorSpec:
-    return TensorSpec(name, shape, role, view_of, rope_ordered=name in ROPE_ORDERED)
+    return TensorSpec(name, shape, role, view_of, rope_ordered=name in ROPE_ORDERED, grouped=name in GROUPED)
 
 
 def spec_in(name: str, shape: str, *sources: int, view_of: str | None = None, residual: bool = False) -> TensorSpec:
-    return TensorSpec(name, shape, "in", view_of, sources, residual, rope_ordered=name in ROPE_ORDERED)
+    return TensorSpec(name, shape, "in", view_of, sources, residual, rope_ordered=name in ROPE_ORDERED,
+                      grouped=name in GROUPED)
 
 
 def _names(names: str | tuple[str, ...]) -> tuple[str, ...]:
@@ -71,6 +73,9 @@ def op(label: str, inputs: str | tuple[str, ...], outputs: str | tuple[str, ...]
 
 
 # The query and key tensors from their projection to the scores (see TensorSpec.rope_ordered).
+# Held grouped by KV head, (..., Hkv, n_rep, ...) with n_rep on a zero stride, and shown as (..., H, ...):
+# the keys and values that grouped-query attention repeats without copying (stages.attention).
+GROUPED = frozenset({"keys (repeated)", "values (repeated)", "keys (transposed)", "values (transposed)"})
 ROPE_ORDERED = frozenset({"xq", "xk", "xq (reshaped)", "xk (reshaped)", "xq (rotated)", "xk (rotated)", "cache_k",
                           "keys", "keys (repeated)", "xq (transposed)", "keys (transposed)"})
 

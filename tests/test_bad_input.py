@@ -112,6 +112,33 @@ def _zero_strides(manifest):
     return manifest
 
 
+def _repeated_keys(manifest):
+    return next(r for r in manifest["records"] if r["name"] == "keys (repeated)" and r["values"])
+
+
+def _split_of_another_tensor(manifest):
+    entry = _first_with_values(manifest)
+    rows, cols = entry["shape"]
+    entry["values"].update(shape=[rows, 2, cols // 2], stride=[cols, 0, 1])
+    return manifest
+
+
+def _split_not_by_kv_heads(manifest):
+    entry = _repeated_keys(manifest)
+    positions, heads, head_dim = entry["shape"]
+    entry["values"].update(shape=[positions, 1, heads, head_dim], stride=[head_dim, head_dim, 0, 1])
+    return manifest
+
+
+def _repetition_too_large_to_show(manifest):
+    entry = _repeated_keys(manifest)
+    _, heads, head_dim = entry["shape"]
+    kv_heads = manifest["model"]["config"]["n_kv_heads"]
+    entry["shape"] = [2**24, heads, head_dim]
+    entry["values"].update(shape=[2**24, kv_heads, heads // kv_heads, head_dim])
+    return manifest
+
+
 CRAFTED = {
     "a list": (lambda m: [m], "not a JSON object"),
     "a number": (lambda m: 42, "not a JSON object"),
@@ -126,6 +153,9 @@ CRAFTED = {
     "unknown tensor": (_record_change(name="secret"), "is no tensor of that stage"),
     "three statistics": (_record_change(stats=[0, 1, 2]), "has 3 statistics"),
     "zero strides, huge shape": (_zero_strides, "repeat more than grouped-query attention does"),
+    "a split of a tensor GQA does not repeat": (_split_of_another_tensor, "says its shape is"),
+    "a split that is not by KV heads": (_split_not_by_kv_heads, "says its shape is"),
+    "a repetition too large to show": (_repetition_too_large_to_show, "would take more than"),
     "missing field": (lambda m: {k: v for k, v in m.items() if k != "records"}, "lacks field 'records'"),
     "extra sampling field": (_set(["sampling", "evil"], 1), "unknown field 'evil'"),
     "pieces of the wrong type": (_set(["pieces"], [1, 2]), "pieces has the wrong type"),

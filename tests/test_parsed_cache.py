@@ -2,10 +2,14 @@
 import json
 import os
 import shutil
+import stat
+import subprocess
+import sys
 from dataclasses import fields
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from stages.gguf_model import read_gguf
 from stages.parsed_cache import read_parsed_once
@@ -18,6 +22,12 @@ def gguf_copy(embedded_path, tmp_path_factory):
     path = tmp_path_factory.mktemp("parsed") / embedded_path.name
     shutil.copyfile(embedded_path, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def direct(gguf_copy):
+    """The model read from the GGUF file itself."""
+    return read_gguf(gguf_copy)
 
 
 def parsed(path):
@@ -37,9 +47,8 @@ def assert_same_model(a, b):
             assert torch.equal(getattr(la, f.name), getattr(lb, f.name)), f.name
 
 
-def test_the_parsed_copy_holds_the_same_model(gguf_copy):
+def test_the_parsed_copy_holds_the_same_model(gguf_copy, direct):
     shutil.rmtree(parsed(gguf_copy), ignore_errors=True)
-    direct = read_gguf(gguf_copy)
     first = read_parsed_once(gguf_copy, IDENTITY)  # parses the GGUF and writes the copy
     assert (parsed(gguf_copy) / "weights.safetensors").is_file()
     second = read_parsed_once(gguf_copy, IDENTITY)  # reads the copy
@@ -51,33 +60,77 @@ def test_the_parsed_copy_holds_the_same_model(gguf_copy):
     assert read_parsed_once(gguf_copy, IDENTITY, shapes_only=True).weights is None
 
 
-def test_a_copy_made_from_another_file_is_replaced(gguf_copy):
+def test_a_copy_made_from_another_file_is_replaced(gguf_copy, direct):
     read_parsed_once(gguf_copy, IDENTITY)
     model = read_parsed_once(gguf_copy, "the file was rewritten since")
     assert json.loads((parsed(gguf_copy) / "model.json").read_text())["made_from"] == "the file was rewritten since"
-    assert_same_model(read_gguf(gguf_copy), model)
+    assert_same_model(direct, model)
     assert sorted(p.name for p in gguf_copy.parent.iterdir()) == sorted([gguf_copy.name, parsed(gguf_copy).name])
 
 
-@pytest.mark.parametrize("damage", ["truncated weights", "bad json", "weights missing"])
-def test_a_damaged_copy_is_parsed_anew(gguf_copy, damage):
+def damage_meta(meta_path, change):
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps(change(meta)))
+
+
+def wrong_norm(folder):
+    """A weights file whose final norm has a shape the config does not say, recorded as the folder's own."""
+    weights = load_file(folder / "weights.safetensors")
+    weights["norm"] = torch.ones(10)
+    save_file(weights, folder / "weights.safetensors")
+    st = (folder / "weights.safetensors").stat()
+    damage_meta(folder / "model.json", lambda m: {**m, "weights": [st.st_size, st.st_mtime_ns, st.st_ino]})
+
+
+DAMAGES = {
+    "truncated weights": lambda f: os.truncate(f / "weights.safetensors", (f / "weights.safetensors").stat().st_size // 2),
+    "bad json": lambda f: (f / "model.json").write_text("{not json"),
+    "json not an object": lambda f: (f / "model.json").write_text("[]"),
+    "weights missing": lambda f: (f / "weights.safetensors").unlink(),
+    "source missing": lambda f: damage_meta(f / "model.json", lambda m: {k: v for k, v in m.items() if k != "source"}),
+    "tied not a flag": lambda f: damage_meta(f / "model.json", lambda m: {**m, "tied": "no"}),
+    "tokenizer fields missing": lambda f: damage_meta(f / "model.json", lambda m: {
+        **m, "fields": {k: v for k, v in m["fields"].items() if k != "tokenizer.ggml.tokens"}}),
+    "a weight of the wrong shape": wrong_norm,
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_copy_is_parsed_anew(gguf_copy, direct, damage):
     read_parsed_once(gguf_copy, IDENTITY)
-    weights, meta = parsed(gguf_copy) / "weights.safetensors", parsed(gguf_copy) / "model.json"
-    if damage == "truncated weights":
-        os.truncate(weights, weights.stat().st_size // 2)
-    elif damage == "bad json":
-        meta.write_text("{not json")
-    else:
-        weights.unlink()
-    assert_same_model(read_gguf(gguf_copy), read_parsed_once(gguf_copy, IDENTITY))
-    assert_same_model(read_gguf(gguf_copy), read_parsed_once(gguf_copy, IDENTITY))  # from the mended copy
+    DAMAGES[damage](parsed(gguf_copy))
+    assert_same_model(direct, read_parsed_once(gguf_copy, IDENTITY))
+    assert_same_model(direct, read_parsed_once(gguf_copy, IDENTITY))  # from the mended copy
 
 
-def test_a_file_in_the_way_is_left_alone_and_costs_only_time(gguf_copy):
+def test_the_copy_is_as_readable_as_the_file_it_was_made_from(gguf_copy):
+    shutil.rmtree(parsed(gguf_copy), ignore_errors=True)
+    gguf_copy.chmod(0o644)
+    read_parsed_once(gguf_copy, IDENTITY)
+    assert stat.S_IMODE(parsed(gguf_copy).stat().st_mode) == 0o755
+    for name in ("weights.safetensors", "model.json"):
+        assert stat.S_IMODE((parsed(gguf_copy) / name).stat().st_mode) == 0o644
+
+
+def test_a_disk_that_fills_up_costs_only_time(gguf_copy):
+    """A real write error (a file size limit, as a full disk gives): the model still loads, nothing is left."""
+    shutil.rmtree(parsed(gguf_copy), ignore_errors=True)
+    code = ("import resource, sys, llama_trace; from pathlib import Path\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (100 << 20, 100 << 20))\n"
+            "from stages.parsed_cache import read_parsed_once\n"
+            "model = read_parsed_once(Path(sys.argv[1]), 'an identity')\n"
+            "print(model.config.n_layers, len(model.weights.layers))")
+    result = subprocess.run([sys.executable, "-c", code, str(gguf_copy)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["30", "30"]
+    assert sorted(p.name for p in gguf_copy.parent.iterdir()) == [gguf_copy.name]
+
+
+def test_a_file_in_the_way_is_left_alone_and_costs_only_time(gguf_copy, direct):
     shutil.rmtree(parsed(gguf_copy), ignore_errors=True)
     parsed(gguf_copy).write_text("the user's own file")
     try:
-        assert_same_model(read_gguf(gguf_copy), read_parsed_once(gguf_copy, IDENTITY))
+        assert_same_model(direct, read_parsed_once(gguf_copy, IDENTITY))
         assert parsed(gguf_copy).read_text() == "the user's own file"
         assert sorted(p.name for p in gguf_copy.parent.iterdir()) == sorted([gguf_copy.name, parsed(gguf_copy).name])
     finally:

@@ -35,6 +35,7 @@ MANIFEST = {
     "seconds": float, "notes": [str], "records": [RECORD],
 }
 INT_LIMIT = 2**62  # JSON integers beyond this are no honest count, offset or size
+MAX_SHOWN_NUMEL = 2**28  # a repeated view is made whole to be shown: at most 1 GiB of float32
 
 
 def _fits(value, schema) -> bool:
@@ -80,32 +81,35 @@ def check(value, schema, where: str = "the manifest") -> None:
             check(item, schema.values, f"{where}[{key!r}]")
 
 
-def _split_once(shape: list[int], full_shape: list[int]) -> bool:
-    """`shape` is `full_shape` with one dimension split in two, e.g. (S, Hkv, n_rep, Dh) for (S, H, Dh)."""
+def _grouped_split(shape: list[int], stride: list[int], full_shape: list[int], n_rep: int) -> bool:
+    """`shape` is `full_shape` with one dimension H split into (Hkv, n_rep), n_rep on a zero stride:
+    (S, Hkv, n_rep, Dh) for (S, H, Dh), as grouped-query attention's repeated keys are kept."""
     return len(shape) == len(full_shape) + 1 and any(
-        shape[:d] == full_shape[:d] and shape[d + 2:] == full_shape[d + 1:] and shape[d] * shape[d + 1] == full_shape[d]
-        for d in range(len(full_shape)))
+        shape[:d] == full_shape[:d] and shape[d + 2:] == full_shape[d + 1:] and shape[d + 1] == n_rep
+        and (stride[d + 1] == 0 or n_rep == 1) and shape[d] * n_rep == full_shape[d] for d in range(len(full_shape)))
 
 
-def check_placement(place: dict, block_numel: int, full_shape: list[int], weight: bool, n_rep: int,
+def check_placement(place: dict, block_numel: int, full_shape: list[int], weight: bool, grouped: bool, n_rep: int,
                     where: str) -> None:
     """Values lie inside their block and do not overlap themselves, except for the one repetition
-    grouped-query attention makes (a KV head shown n_rep times, on a zero stride): so a view never
-    shows more than n_rep times the elements the file stores (a huge shape on zero strides would
-    otherwise render gigabytes from a few bytes)."""
+    grouped-query attention makes (a KV head shown n_rep times, on a zero stride, in the records
+    that registry.GROUPED names): so a view never shows more than n_rep times the elements the file
+    stores, and never more than MAX_SHOWN_NUMEL (a huge shape on zero strides would otherwise
+    render gigabytes from a few bytes)."""
     shape, stride, offset = place["shape"], place["stride"], place["offset"]
-    split = not weight and _split_once(shape, full_shape)  # kept grouped: see stages.hooks.record
-    if len(shape) != len(stride) or (len(shape) != len(full_shape) and not split) or offset < 0 or \
-            min(shape, default=0) < 0 or min(stride, default=0) < 0:
+    if len(shape) != len(stride) or offset < 0 or min(shape, default=0) < 0 or min(stride, default=0) < 0:
         raise UserError(f"damaged trace file: the values of {where} are misplaced")
-    if not split and ((not weight and shape != full_shape) or any(s > f for s, f in zip(shape, full_shape,
-                                                                                         strict=True))):
+    split = grouped and _grouped_split(shape, stride, full_shape, n_rep)  # see stages.hooks.record
+    if not split and (len(shape) != len(full_shape) or (not weight and shape != full_shape)
+                      or any(s > f for s, f in zip(shape, full_shape, strict=True))):
         raise UserError(f"damaged trace file: {where} says its shape is {tuple(full_shape)} but its values "
                         f"are {tuple(shape)}")
+    if grouped and math.prod(full_shape) > MAX_SHOWN_NUMEL:
+        raise UserError(f"damaged trace file: {where} would take more than {MAX_SHOWN_NUMEL:,} numbers to show")
     if math.prod(shape) == 0:
         return
     repeated = math.prod(size for size, step in zip(shape, stride, strict=True) if step == 0)
-    if repeated > n_rep:
+    if repeated > (n_rep if grouped else 1):
         raise UserError(f"damaged trace file: the values of {where} repeat more than grouped-query attention does")
     reach = 0  # the furthest element of the dimensions seen so far, smallest stride first
     moving = (d for d in zip(shape, stride, strict=True) if d[0] > 1 and d[1] > 0)

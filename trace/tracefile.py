@@ -149,7 +149,8 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             raise UserError(f"{path}: its trace manifest is damaged (not a JSON object)")
         if manifest.get("format") != FORMAT or manifest.get("version") not in READS:
             raise UserError(f"{path}: unsupported trace format {manifest.get('format')!r} "
-                            f"version {manifest.get('version')!r} (this tool reads versions 1 to 4)")
+                            f"version {manifest.get('version')!r} "
+                            f"(this tool reads versions {READS[0]} to {READS[-1]})")
         return manifest, _read_blocks(f, header, 8 + header_len, size, damaged)
 
 
@@ -206,7 +207,8 @@ def _record(entry: dict, tensors: dict[str, torch.Tensor], n_steps: int, config:
         block = tensors.get(place["block"])
         if block is None:
             raise UserError(f"damaged trace file: the values of {where} are missing")
-        check_placement(place, block.numel(), entry["shape"], spec.role == "weight", config.n_rep, where)
+        check_placement(place, block.numel(), entry["shape"], spec.role == "weight", spec.grouped, config.n_rep,
+                        where)
         values = block.as_strided(place["shape"], place["stride"], place["offset"])
     return TensorRecord(step=entry["step"], layer=entry["layer"], stage=entry["stage"], name=entry["name"],
                         role=entry["role"], symbolic=entry["symbolic"], dtype=entry["dtype"],
