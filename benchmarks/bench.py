@@ -229,7 +229,7 @@ def main() -> int:
          f"{mem['default']['saved_file_bytes'] / 2**20:.1f} MiB, {mem['all']['saved_file_bytes'] / 2**20:.1f} MiB"),
         ("command to first table: model fetched / cached",
          f"{ft['cold_fetch_s']:.1f} s / {ft['model_cached_s']:.1f} s"),
-        ("peak memory (RSS) of the main command", f"{ft['main_command_peak_rss_bytes'] / 2**30:.2f} GiB"),
+        ("peak memory (RSS) of the main command", f"{ft['main_command_peak_rss_bytes'] / 1e9:.2f} GB"),
         ("--impl packed / plain, untraced: prompt step, decode tokens/s",
          f"{packed['prompt_step_ratio_to_plain']:.2f}x time, {packed['decode_ratio_to_plain']:.2f}x tokens/s"),
     ]
