@@ -13,6 +13,7 @@ def forward_step(model: Model, tokens: torch.Tensor, start_pos: int, caches: lis
     """tokens[P:P+T] (T) -> (next id, logits (V)): stages 4, 5 and 19."""
     config, weights = model.config, model.weights
     x = create_input_tensor(tokens, weights.tok_embeddings)  # (T, D)
-    freqs_cis = model.rotations(start_pos + tokens.shape[0])[start_pos:]  # (T, Dh/2)
+    # This step's rows of the model's table, as a tensor of their own: what a trace keeps of them.
+    freqs_cis = model.rotations(start_pos + tokens.shape[0])[start_pos:].clone()  # (T, Dh/2)
     h = forward_through_blocks(x, weights.layers, caches, freqs_cis, start_pos, config)  # (T, D)
     return forward_output(h, weights.norm, weights.output, config.norm_eps, sampling, generator)

@@ -138,7 +138,7 @@ STAGES: tuple[Stage, ...] = (
           "multiplied by freqs_cis = exp(j·pos·θ_i), i.e. rotated by the angle pos·θ_i. "
           "Values are not rotated.",
           (spec_in("xq (reshaped)", "(T, H, Dh)", 9), spec_in("xk (reshaped)", "(T, Hkv, Dh)", 9),
-           spec("aux", "freqs_cis", "(T, Dh/2)", "the table of every position"),
+           spec("aux", "freqs_cis", "(T, Dh/2)"),
            spec("mid", "xq (pairs)", "(T, H, Dh/2, 2)", "xq (reshaped)"),
            spec("mid", "xq (complex)", "(T, H, Dh/2)", "xq (pairs)"),
            spec("out", "xq (rotated)", "(T, H, Dh)"),

@@ -13,7 +13,7 @@ from stages.tensor_ids import BLOCK_OUTPUT, EMBEDDINGS
 from .recorder import Capture
 
 INTEGER = {"token ids", "tokens", "tokens[P:P+T]", "next token"}
-COMPLEX = {"xq (complex)", "xk (complex)"}
+COMPLEX = {"xq (complex)", "xk (complex)", "freqs_cis"}
 FLOAT32 = {"logits", "probs", "mask", "cos", "sin", "xq (rotate_half)", "xk (rotate_half)"}
 
 
@@ -68,9 +68,8 @@ def estimate_bytes(config: ModelConfig, prompt_len: int, max_new_tokens: int, ca
     S = prompt_len + max_new_tokens
     sizes = {"D": config.dim, "H": config.n_heads, "Hkv": config.n_kv_heads, "Dh": config.head_dim,
              "F": config.ffn_dim, "V": config.vocab_size, "S": S, "T0": prompt_len}
-    blocks = {  # memory shared by every step: each layer's caches, and the one table of rotations
-        "the cache (S, Hkv, Dh)": (S * config.n_kv_heads * config.head_dim * itemsize["float"], True),
-        "the table of every position": (S * config.head_dim // 2 * 8, False)}
+    cache = "the cache (S, Hkv, Dh)"  # the registry's name of the memory each layer's cache shares with every step
+    cache_bytes = S * config.n_kv_heads * config.head_dim * itemsize["float"]
     records = []  # (stage, tensor, layer, where its memory comes from), every record one step makes
     for stage in stages[3:]:
         for spec in (spec for spec in stage.tensors if spec.role != "weight"):
@@ -89,22 +88,20 @@ def estimate_bytes(config: ModelConfig, prompt_len: int, max_new_tokens: int, ca
     total, counted_blocks = 0, set()
     for first, last in _step_groups(capture, max_new_tokens):
         origins = set()  # the memory this group's steps keep, each piece once per step
-        converted_blocks = set()  # blocks converted anew each step of the group, each once per step
+        converted_blocks = set()  # caches converted anew each step of the group, each once per step
         for stage, name, layer, origin in records:
             if (name == "mask" and first > 0) or not capture.keeps(stage, first, layer):
                 continue
-            block = stages[origin[0] - 1].spec(origin[1]).view_of
-            if block not in blocks:
+            if stages[origin[0] - 1].spec(origin[1]).view_of != cache:
                 origins.add(origin)
                 continue
-            size, per_layer = blocks[block]
-            key = (block, origin[1], origin[2] if per_layer else None)
-            if per_layer and converted and key not in converted_blocks:
+            key = (origin[1], origin[2])  # cache_k or cache_v, of a layer
+            if converted and key not in converted_blocks:  # converted anew each step
                 converted_blocks.add(key)
-                total += size * (last - first + 1)
-            elif not (per_layer and converted) and key not in counted_blocks:
+                total += cache_bytes * (last - first + 1)
+            elif not converted and key not in counted_blocks:
                 counted_blocks.add(key)
-                total += size
+                total += cache_bytes
         if first == 0:
             total += step_bytes(origins, 0, prompt_len)
             continue
