@@ -74,7 +74,13 @@ def estimate_bytes(config: ModelConfig, prompt_len: int, max_new_tokens: int, ca
     for stage in stages[3:]:
         for spec in (spec for spec in stage.tensors if spec.role != "weight"):
             for layer in range(config.n_layers) if stage.scope == "layer" else [None]:
-                records.append((stage.number, spec.name, layer, _memory_of(stages, stage, spec.name, layer)))
+                origin = _memory_of(stages, stage, spec.name, layer)
+                # Values stored smaller are converted once per layer (recorder.Recorder._smaller): a
+                # block's input is converted again in the next layer, and a complex view is kept as it
+                # is beside its converted pairs.
+                if converted and (origin[2] != layer or spec.name in COMPLEX):
+                    origin = (stage.number, spec.name, layer)
+                records.append((stage.number, spec.name, layer, origin))
 
     def step_bytes(origins: set, P: int, T: int) -> int:
         sizes.update(P=P, T=T)
