@@ -246,9 +246,11 @@ class Recorder:
         # hold the tensor, so its memory cannot be reused for another tensor meanwhile.
         if tensor.numel() == 0:
             return
-        for dim, step in enumerate(tensor.stride()):
-            if step == 0:  # a repetition (the keys of grouped-query attention) has the statistics of one copy
-                tensor = tensor.narrow(dim, 0, 1)
+        strides = tensor.stride()
+        if 0 in strides:  # a repetition (the keys of grouped-query attention) has the statistics of one copy
+            for dim, step in enumerate(strides):
+                if step == 0:
+                    tensor = tensor.narrow(dim, 0, 1)
         key = (tensor.data_ptr(), tensor.numel(), tensor.dtype, tensor.device)
         if key in self._stats_here:
             record._sums = self._stats_here[key][1]
@@ -307,7 +309,8 @@ class Recorder:
             if known is None or known[0]() is not tensor:
                 known = _WEIGHT_STATS[id(tensor)] = (weakref.ref(tensor), _sums(tensor.detach()))
             record._sums = known[1]
-        tensor = tensor.detach()
+        if tensor.requires_grad:  # (detach costs more than asking, on the ~2,000 records of a step)
+            tensor = tensor.detach()
         place = (stage, self.step, self.layer)
         if place not in self._keeps:
             self._keeps[place] = self.capture.keeps(*place)
