@@ -12,12 +12,15 @@ Measures, alternating the things compared and reporting medians and ratios
   4. time from the command to the first table, without and with the model cached, and the peak
      memory of the README's main command;
   5. the implementations untraced: the serving engine's packed layers (--impl packed) against
-     the plain stages.
+     the plain stages;
+  6. TransformerLens' run_with_cache against its own forward on the same weights and prompt, beside
+     our prompt step with --capture all (an optional extra: pip install -e '.[bench]').
 
 `--only implementations` (or any of the result's section names) measures that part alone and
 updates it in the results file.
 """
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -34,7 +37,7 @@ import llama_trace  # noqa: E402,F401  (our `trace`, not the standard library's)
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import stages  # noqa: E402
 from stages import PIPELINES, Sampling, generate  # noqa: E402
@@ -103,21 +106,23 @@ def speed(model, hf, ids, repeats) -> dict:
             "decode_ratio": decode["ours"] / decode["hf"]}
 
 
+def run_of(model, ids, capture: Capture | None, n: int):
+    """A run generating n tokens, traced with `capture` (None: untraced)."""
+    if capture is None:
+        return lambda: generate(model, ids, n)
+
+    def traced():
+        with recording(Recorder(capture)):
+            generate(model, ids, n)
+    return traced
+
+
 def tracing_cost(model, ids, repeats) -> dict:
     """The traced run against the untraced one: prompt step alone, and with NEW_TOKENS decoded."""
-    def run(capture, n):
-        if capture is None:
-            return lambda: generate(model, ids, n)
-
-        def traced():
-            with recording(Recorder(capture)):
-                generate(model, ids, n)
-        return traced
-
     out = {}
     for label, n in (("prompt_step", 1), ("with_decode", NEW_TOKENS)):
-        t = alternate({"none": run(None, n), "default": run(Capture.selected(), n),
-                       "all": run(Capture.everything(), n)}, repeats)
+        t = alternate({"none": run_of(model, ids, None, n), "default": run_of(model, ids, Capture.selected(), n),
+                       "all": run_of(model, ids, Capture.everything(), n)}, repeats)
         out[label] = {"untraced_s": t["none"], "default_ratio": t["default"] / t["none"],
                       "all_ratio": t["all"] / t["none"]}
     return out
@@ -154,6 +159,49 @@ def implementations(model, ids, repeats) -> dict:
                    "decode_ratio_to_plain": decode[name] / decode["plain"]} for name in PIPELINES}
 
 
+def transformer_lens(model, path: Path, ids, repeats) -> dict:
+    """TransformerLens' run_with_cache (its TransformerBridge on the same weights, from a Hugging Face
+    folder written here) against its own forward, beside our prompt step with --capture all."""
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:
+        return {"missing": "pip install -e '.[bench]' (transformer_lens) to measure it"}
+    from transformers import LlamaConfig, LlamaForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    config = LlamaConfig.from_dict({k: v for k, v in hf.config.to_dict().items() if k != "quantization_config"})
+    plain = LlamaForCausalLM(config)  # a GGUF-loaded model cannot be saved as it is
+    plain.load_state_dict(hf.state_dict())
+    with tempfile.TemporaryDirectory() as folder:
+        plain.save_pretrained(folder)
+        AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(folder)
+        bridge = TransformerBridge.boot_transformers(folder, device="cpu", dtype=torch.float32)
+    tokens = torch.tensor([ids])
+
+    def forward():
+        with torch.inference_mode():
+            bridge(tokens)
+
+    def with_cache():
+        with torch.inference_mode():
+            return bridge.run_with_cache(tokens)[1]
+
+    cache = with_cache()
+    cache_bytes = sum(v.numel() * v.element_size() for v in cache.values())
+    distinct = sum(s.nbytes() for s in {v.untyped_storage().data_ptr(): v.untyped_storage()
+                                        for v in cache.values()}.values())
+    del cache
+    t = alternate({"forward": forward, "run_with_cache": with_cache,
+                   "ours untraced": run_of(model, ids, None, 1), "ours all": run_of(model, ids, Capture.everything(), 1)},
+                  repeats)
+    recorder = Recorder(Capture.everything())
+    with recording(recorder):
+        generate(model, ids, 1)
+    return {"version": importlib.metadata.version("transformer_lens"),
+            "run_with_cache_ratio": t["run_with_cache"] / t["forward"], "cache_bytes": cache_bytes,
+            "cache_distinct_bytes": distinct, "ours_all_ratio": t["ours all"] / t["ours untraced"],
+            "ours_all_kept_bytes": recorder.kept_bytes}
+
+
 def first_table(repeats: int) -> dict:
     """Wall time of `python -m trace run ... --max-new-tokens 1` until it exits, after printing the table;
     and the peak memory (RSS) of the README's main command, `python -m trace run "..."`, model cached."""
@@ -180,7 +228,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.json")
-    sections = ("speed", "tracing", "memory", "first_table", "implementations")
+    sections = ("speed", "tracing", "memory", "first_table", "implementations", "transformer_lens")
     parser.add_argument("--only", choices=sections, help="measure this part alone, keeping the rest of --out")
     args = parser.parse_args()
     path = embedded_model_path()
@@ -193,6 +241,7 @@ def main() -> int:
         "memory": lambda: trace_memory(model, ids),
         "first_table": lambda: first_table(max(1, args.repeats // 2)),
         "implementations": lambda: implementations(model, ids, args.repeats),
+        "transformer_lens": lambda: transformer_lens(model, path, ids, args.repeats),
     }
     results = json.loads(args.out.read_text()) if args.only and args.out.exists() else {}
     results |= {"machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
@@ -210,7 +259,7 @@ def main() -> int:
     for column in ("measure", "value"):
         table.add_column(column)
     s, tr, mem, ft = results["speed"], results["tracing"], results["memory"], results["first_table"]
-    packed = results["implementations"]["packed"]
+    packed, lens = results["implementations"]["packed"], results["transformer_lens"]
     rows = [
         (f"prompt step ({len(ids)} tokens): ours / transformers",
          f"{s['prompt_step_s']['ours']:.3f} s / {s['prompt_step_s']['transformers']:.3f} s "
@@ -230,6 +279,11 @@ def main() -> int:
         ("command to first table: model fetched / cached",
          f"{ft['cold_fetch_s']:.1f} s / {ft['model_cached_s']:.1f} s"),
         ("peak memory (RSS) of the main command", f"{ft['main_command_peak_rss_bytes'] / 1e9:.2f} GB"),
+        ("TransformerLens run_with_cache / its forward, 200-token prompt; what it keeps",
+         "not measured: " + lens["missing"] if "missing" in lens else
+         f"{lens['run_with_cache_ratio']:.2f}x, {lens['cache_distinct_bytes'] / 2**20:.0f} MiB"),
+        ("ours, --capture all / untraced, same prompt; what it keeps",
+         "" if "missing" in lens else f"{lens['ours_all_ratio']:.2f}x, {lens['ours_all_kept_bytes'] / 2**20:.0f} MiB"),
         ("--impl packed / plain, untraced: prompt step, decode tokens/s",
          f"{packed['prompt_step_ratio_to_plain']:.2f}x time, {packed['decode_ratio_to_plain']:.2f}x tokens/s"),
     ]
