@@ -148,9 +148,12 @@ def load_weights(reader: gguf.GGUFReader, config: ModelConfig, dtype: torch.dtyp
                    output=output, rope_freqs=rope_freqs)
 
 
-def _source(reader: gguf.GGUFReader) -> str:
+def source_and_tied(reader: gguf.GGUFReader) -> tuple[str, bool]:
+    """Where the weights come from, as stage 10 says it, and whether the output head is the embedding
+    table (SmolLM2's files have no output.weight)."""
     types = sorted({t.tensor_type.name for t in reader.tensors if len(t.shape) == 2})
-    return f"GGUF ({', '.join(types)}) · wq/wk rows in interleaved pairs, as the file stores them"
+    return (f"GGUF ({', '.join(types)}) · wq/wk rows in interleaved pairs, as the file stores them",
+            "output.weight" not in {t.name for t in reader.tensors})
 
 
 def read_gguf(path: Path, dtype: torch.dtype = torch.float32, progress: Progress = None,
@@ -159,7 +162,7 @@ def read_gguf(path: Path, dtype: torch.dtype = torch.float32, progress: Progress
     reader = open_gguf(path)
     return checkpoint_from_fields(path, read_fields(reader),
                                   lambda config: None if shapes_only else load_weights(reader, config, dtype, progress),
-                                  _source(reader), tied="output.weight" not in {t.name for t in reader.tensors})
+                                  *source_and_tied(reader))
 
 
 def checkpoint_from_fields(path: Path, fields: dict, weights_of: Callable[[ModelConfig], Weights | None],

@@ -25,8 +25,8 @@ from safetensors.torch import load_file, save_file
 
 from .checkpoint import Checkpoint, Progress
 from .errors import UserError
-from .gguf_model import (_source, checkpoint_from_fields, config_from_fields, load_weights, open_gguf, read_fields,
-                         read_gguf)
+from .gguf_model import (checkpoint_from_fields, config_from_fields, load_weights, open_gguf, read_fields, read_gguf,
+                         source_and_tied)
 from .weights import LayerWeights, Weights, shapes_only_weights
 
 FORMAT = 2  # raised whenever what the folder holds changes
@@ -45,24 +45,12 @@ def _flat(weights: Weights) -> dict[str, torch.Tensor]:
     return flat
 
 
-def _unflat(flat: dict[str, torch.Tensor], n_layers: int, dtype: torch.dtype) -> Weights:
-    def take(name: str) -> torch.Tensor:
-        return flat[name] if flat[name].dtype == dtype else flat[name].to(dtype)
-
-    tok_embeddings = take("tok_embeddings")
+def _unflat(flat: dict[str, torch.Tensor], n_layers: int) -> Weights:
+    tok_embeddings = flat["tok_embeddings"]
     return Weights(tok_embeddings=tok_embeddings,
-                   layers=[LayerWeights(**{name: take(f"layers.{i}.{name}") for name in LAYER_NAMES})
+                   layers=[LayerWeights(**{name: flat[f"layers.{i}.{name}"] for name in LAYER_NAMES})
                            for i in range(n_layers)],
-                   norm=take("norm"), output=take("output") if "output" in flat else tok_embeddings,
-                   rope_freqs=flat.get("rope_freqs"))  # float32 always, as the GGUF reader gives it
-
-
-def _same_shapes(weights: Weights, expected: Weights) -> bool:
-    pairs = [(weights.tok_embeddings, expected.tok_embeddings), (weights.norm, expected.norm),
-             (weights.output, expected.output)]
-    pairs += [(getattr(mine, name), getattr(theirs, name))
-              for mine, theirs in zip(weights.layers, expected.layers, strict=True) for name in LAYER_NAMES]
-    return all(mine.shape == theirs.shape for mine, theirs in pairs)
+                   norm=flat["norm"], output=flat.get("output", tok_embeddings), rope_freqs=flat.get("rope_freqs"))
 
 
 def _identity(path: Path) -> list[int]:
@@ -82,10 +70,11 @@ def _read(folder: Path, made_from: str, path: Path, dtype: torch.dtype, shapes_o
         weights = None
         if not shapes_only:
             config = config_from_fields(meta["fields"])
-            weights = _unflat(load_file(folder / "weights.safetensors"), config.n_layers, dtype)
-            if len(weights.layers) != config.n_layers or not _same_shapes(
-                    weights, shapes_only_weights(config, dtype, meta["tied"])):
+            flat = load_file(folder / "weights.safetensors")
+            expected = _flat(shapes_only_weights(config, torch.float32, meta["tied"]))
+            if any(name not in flat or flat[name].shape != t.shape for name, t in expected.items()):
                 return None
+            weights = _unflat(flat, config.n_layers).to(torch.device("cpu"), dtype)
         return checkpoint_from_fields(path, meta["fields"], lambda config: weights, meta["source"], meta["tied"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError, UserError):
         return None  # absent or damaged: the GGUF file, which is checked, is parsed again
@@ -96,7 +85,7 @@ def _ours(folder: Path) -> bool:
     return folder.is_dir() and not folder.is_symlink() and (folder / "model.json").is_file()
 
 
-def _write(folder: Path, made_from: str, fields: dict, weights: Weights, source: str, tied: bool) -> None:
+def _write(path: Path, folder: Path, made_from: str, fields: dict, weights: Weights, source: str, tied: bool) -> None:
     if folder.exists() and not _ours(folder) or folder.is_symlink():
         return  # somebody else's file or folder: left alone, and the GGUF parsed each time
     for partial in folder.parent.glob(folder.name + ".partial.*"):  # of a writer killed midway, long ago
@@ -110,7 +99,7 @@ def _write(folder: Path, made_from: str, fields: dict, weights: Weights, source:
                 "fields": fields, "source": source, "tied": tied}
         (tmp / "model.json").write_text(json.dumps(meta), encoding="utf-8")
         # mkdtemp and safetensors make them private: they get the GGUF file's own permissions (a shared cache)
-        readable = folder.parent.joinpath(folder.name.removesuffix(".parsed")).stat().st_mode & 0o666
+        readable = path.stat().st_mode & 0o666
         for made_path, mode in ((tmp, readable | (readable & 0o444) >> 2), (tmp / "weights.safetensors", readable),
                                 (tmp / "model.json", readable)):
             made_path.chmod(mode)
@@ -138,7 +127,6 @@ def read_parsed_once(path: Path, made_from: str, dtype: torch.dtype = torch.floa
     fields = read_fields(reader)
     config = config_from_fields(fields)
     weights = load_weights(reader, config, torch.float32, progress)
-    source, tied = _source(reader), "output.weight" not in {t.name for t in reader.tensors}
-    _write(folder, made_from, fields, weights, source, tied)
-    return checkpoint_from_fields(path, fields, lambda config: _unflat(_flat(weights), config.n_layers, dtype),
-                                  source, tied)
+    source, tied = source_and_tied(reader)
+    _write(path, folder, made_from, fields, weights, source, tied)
+    return checkpoint_from_fields(path, fields, lambda config: weights.to(torch.device("cpu"), dtype), source, tied)

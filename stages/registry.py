@@ -72,10 +72,10 @@ def op(label: str, inputs: str | tuple[str, ...], outputs: str | tuple[str, ...]
     return Op(label, _names(inputs), _names(outputs))
 
 
-# The query and key tensors from their projection to the scores (see TensorSpec.rope_ordered).
 # Held grouped by KV head, (..., Hkv, n_rep, ...) with n_rep on a zero stride, and shown as (..., H, ...):
 # the keys and values that grouped-query attention repeats without copying (stages.attention).
 GROUPED = frozenset({"keys (repeated)", "values (repeated)", "keys (transposed)", "values (transposed)"})
+# The query and key tensors from their projection to the scores (see TensorSpec.rope_ordered).
 ROPE_ORDERED = frozenset({"xq", "xk", "xq (reshaped)", "xk (reshaped)", "xq (rotated)", "xk (rotated)", "cache_k",
                           "keys", "keys (repeated)", "xq (transposed)", "keys (transposed)"})
 

@@ -105,8 +105,7 @@ def _pictures(trace: Trace, args, err: Console) -> None:
     if args.plot:
         figure = plots().stage_figure(trace, args.stage, args.step, args.layer, args.head)
         kind = _output_format(args.plot, args.force, plots().PLOT_FORMATS)
-        write_output(args.plot, plots().figure_bytes(figure, kind),
-                     args.force)
+        write_output(args.plot, plots().figure_bytes(figure, kind), args.force)
         _say(err, f"plotted {args.plot}")
 
 

@@ -211,7 +211,7 @@ class Recorder:
         self._kept_storages: set[int] = set()
         # Statistics of one place in the run (a step and layer), by the memory they describe:
         # computed (tensor, statistics), or waiting for one batched pass (tensor, records).
-        self._stats_here: dict[tuple, tuple[torch.Tensor, Sums]] = {}
+        self._sums_here: dict[tuple, tuple[torch.Tensor, Sums]] = {}
         self._pending: dict[tuple, tuple[torch.Tensor, list[TensorRecord]]] = {}
         self._pending_numel = 0  # the elements waiting: they hold memory, so they are bounded
         self._converted: dict[tuple, torch.Tensor] = {}
@@ -228,7 +228,7 @@ class Recorder:
             self._flush()
         for key, value in where.items():
             setattr(self, key, value)
-        self._stats_here.clear()
+        self._sums_here.clear()
         self._converted.clear()
 
     def _flush(self) -> None:
@@ -252,8 +252,8 @@ class Recorder:
                 if step == 0:
                     tensor = tensor.narrow(dim, 0, 1)
         key = (tensor.data_ptr(), tensor.numel(), tensor.dtype, tensor.device)
-        if key in self._stats_here:
-            record._sums = self._stats_here[key][1]
+        if key in self._sums_here:
+            record._sums = self._sums_here[key][1]
         elif key in self._pending:
             self._pending[key][1].append(record)
         elif tensor.numel() <= BATCHED_NUMEL and not now:
@@ -261,7 +261,7 @@ class Recorder:
             self._pending_numel += tensor.numel()
         else:
             record._sums = _sums(tensor)
-            self._stats_here[key] = (tensor, record._sums)
+            self._sums_here[key] = (tensor, record._sums)
 
     def _keep(self, tensor: torch.Tensor, copy: bool, weight: bool) -> torch.Tensor | None:
         if weight:
