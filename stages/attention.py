@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from .hooks import record
 from .kv_cache import KVCache
 from .rope import apply_rotary_embeddings
+from .tensor_parallel import parallel_linear
 from .weights import LayerWeights
 
 
@@ -116,7 +117,7 @@ def calculate_output(probs: torch.Tensor, values: torch.Tensor, wo: torch.Tensor
     record(14, "head outputs", merged.view(T, H, -1).transpose(0, 1))  # (T, H, Dh) -> (H, T, Dh)
     record(14, "heads merged", merged)
     record(14, "wo", wo)
-    return record(14, "attention output", F.linear(merged, wo))  # (T, D)
+    return parallel_linear(14, "attention output", merged, wo)  # (T, D), all-reduced when wo is split
 
 
 def attention(x: torch.Tensor, layer: LayerWeights, cache: KVCache, freqs_cis: torch.Tensor,

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from .hooks import record
+from .tensor_parallel import parallel_linear
 
 
 def feed_forward(h: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -14,4 +15,4 @@ def feed_forward(h: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.
     up = record(17, "up", F.linear(h, w3))  # (T, F)
     gated = record(17, "gate * up", gate * up)  # (T, F)
     record(17, "w2", w2)
-    return record(17, "ffn output", F.linear(gated, w2))  # (T, D)
+    return parallel_linear(17, "ffn output", gated, w2)  # (T, D), all-reduced when w2 is split

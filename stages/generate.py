@@ -38,7 +38,9 @@ def generate(model: Model, prompt_ids: list[int], max_new_tokens: int, sampling:
     pad_id = model.tokenizer.pad_id if model.tokenizer else 0
     model.rotations(max_len)  # the table of every position of this run, made once
     tokens = create_tokens_tensor(prompt_ids, max_len, pad_id, model.device)  # (S)
-    caches = [KVCache.empty(max_len, model.config.n_kv_heads, model.config.head_dim, model.device, model.dtype)
+    # As many KV heads as the model's wk makes: Hkv, or a tensor-parallel rank's Hkv/N.
+    n_kv_heads = model.weights.layers[0].wk.shape[0] // model.config.head_dim
+    caches = [KVCache.empty(max_len, n_kv_heads, model.config.head_dim, model.device, model.dtype)
               for _ in model.weights.layers]
     generator = None if sampling.greedy else torch.Generator().manual_seed(
         sampling.seed if sampling.seed is not None else torch.seed())

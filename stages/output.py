@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from .hooks import record
 from .errors import UserError
 from .norm import rms_norm
+from .tensor_parallel import gathered_logits
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def choose_next(normalized: torch.Tensor, output: torch.Tensor, sampling: Sampli
                 generator: torch.Generator | None) -> tuple[int | None, torch.Tensor]:
     """The rest of stage 19: normalized out (T, D) -> last row · outputᵀ -> logits (V), float32 -> next id."""
     record(19, "output", output)
-    logits = record(19, "logits", F.linear(normalized[-1], output).float())  # (V)
+    logits = gathered_logits(normalized[-1], output)  # (V), float32; gathered when output is split
     if not logits.is_meta and not torch.isfinite(logits).all():
         raise UserError("the model computed logits that are not finite (inf or nan): its weights may be damaged, "
                         "or the dtype overflowed (try --dtype float32)")

@@ -11,6 +11,7 @@ from typing import Callable
 from . import forward, packed
 from .packed_stages import PACKED_STAGES
 from .registry import STAGES, Stage, TensorSpec, readers
+from .tensor_parallel_stages import TENSOR_PARALLEL_STAGES
 
 N_STAGES = 19
 
@@ -36,4 +37,9 @@ PLAIN = Pipeline("plain", "the stages as Meta's reference code runs them", "inte
                  forward.forward_step)
 PACKED = Pipeline("packed", "a serving engine's layers (vLLM, nano-vllm): packed projections, fused add + norm",
                   "rotate-half", PACKED_STAGES, packed.forward_step, packed.packed_parts)
-PIPELINES = {p.name: p for p in (PLAIN, PACKED)}
+# One rank of the plain stages split over N processes (stages.tensor_parallel): what --tp N runs.
+TENSOR_PARALLEL = Pipeline("tensor-parallel", "Meta's model-parallel layers on torch.distributed",
+                           "interleaved", TENSOR_PARALLEL_STAGES,
+                           forward.forward_step)
+PIPELINES = {p.name: p for p in (PLAIN, PACKED, TENSOR_PARALLEL)}
+IMPLEMENTATIONS = (PLAIN.name, PACKED.name)  # what --impl chooses from; --tp N chooses the tensor-parallel one

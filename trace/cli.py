@@ -8,8 +8,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from stages import DTYPES, PIPELINES, PRESETS, UserError
-from stages.pipelines import N_STAGES
+from stages import DTYPES, PRESETS, UserError
+from stages.pipelines import IMPLEMENTATIONS, N_STAGES
+from stages.tensor_parallel import MAX_RANKS
 
 from . import commands
 from .commands import DEFAULT_PROMPT
@@ -24,6 +25,7 @@ EXAMPLES = """examples:
   python -m trace run "Hi" --model llama-3.1-8b --shapes-only     Llama 3.1 8B's shapes, without its weights
   python -m trace run "Hi" --impl packed --stage 8 --save p.trace  as a serving engine runs it: packed qkv_proj
   python -m trace diff plain.trace p.trace                        the two implementations, stage by stage
+  python -m trace run "Hi" --tp 3 --stage 14 --rank 1             split over 3 processes: rank 1's heads
   python -m trace show hi.trace --stage 13                        look at it later, without the model
   python -m trace diagram --stage 13 -o scores.svg                stage 13 drawn with graphviz
   python -m trace stages                                          the list of stages
@@ -88,7 +90,7 @@ def _add_model_options(command: argparse.ArgumentParser) -> argparse._ArgumentGr
 
 
 def _add_impl_option(group) -> None:
-    group.add_argument("--impl", choices=tuple(PIPELINES), default="plain",
+    group.add_argument("--impl", choices=IMPLEMENTATIONS, default="plain",
                        help="how the model is run: 'plain', the stages as Meta's reference code runs them (the "
                             "default), or 'packed', as a serving engine (vLLM) runs the same model: one qkv_proj "
                             "and one gate_up_proj matmul, each residual add fused into the next RMSNorm, "
@@ -101,6 +103,9 @@ def _add_view_options(command: argparse.ArgumentParser) -> None:
     show.add_argument("--layer", type=_count(0), default=0, metavar="L", help="transformer block to show (default 0)")
     show.add_argument("--step", type=_count(0), default=0, metavar="S",
                       help="0 = the prompt step; k = the decode step that feeds generated token k (default 0)")
+    show.add_argument("--rank", type=_count(0, MAX_RANKS - 1), default=0, metavar="R",
+                      help="of a tensor-parallel run (--tp N): the rank whose slices and partial sums to show "
+                           "(default 0)")
     show.add_argument("--json", action="store_true", help="print the same information as JSON on stdout")
     show.add_argument("--diagram", metavar="FILE", type=Path,
                       help="also draw the stage (or, without --stage, the complete model) with this run's "
@@ -150,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--tokens", type=_count(1, 1 << 20), metavar="N",
                         help="with --shapes-only: N placeholder tokens stand in for the prompt (where the "
                              "model has no tokenizer)")
+    parallel = run.add_argument_group("tensor parallelism")
+    parallel.add_argument("--tp", type=_count(1, MAX_RANKS), default=1, metavar="N",
+                          help="split the model over N processes as Meta's model.py does (torch.distributed: "
+                               "gloo on the CPU, nccl on CUDA), each holding a slice of every large weight; the "
+                               "trace holds every rank's records (default 1). Also runs under torchrun")
+    parallel.add_argument("--timeout", type=_count(1, 24 * 3600), default=60, metavar="SECONDS",
+                          help="with --tp: how long a rank waits for the others before the run is stopped "
+                               "(default 60)")
     gen = run.add_argument_group("generation")
     gen.add_argument("--max-new-tokens", type=_count(1), default=32, metavar="N",
                      help="at most N new tokens (default 32)")
@@ -223,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv  # what the ranks of --tp N are started with
     out, err = Console(), Console(stderr=True)
     in_main_thread = threading.current_thread() is threading.main_thread()  # where signals can be caught
     previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if in_main_thread else None

@@ -8,8 +8,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from stages import PIPELINES, PLAIN, PRESETS, Sampling, UserError, check_length, load_model, tokenize
 from stages.presets import DTYPE as PRESET_DTYPE
-from stages.pipelines import N_STAGES
+from stages.model import Model, resolve_device
+from stages.pipelines import N_STAGES, TENSOR_PARALLEL
+from stages.tensor_parallel import Shard, check_divisible, shard_weights
 
+from . import ranks
 from .budget import estimate_bytes, memory_needs
 from .compare import diff_table
 from .diagram import FORMATS, drawing, packing_diagram, render
@@ -96,14 +99,14 @@ def _check_capture_layers(capture: Capture, config) -> None:
                             f"0-{config.n_layers - 1}")
 
 
-def _pictures(trace: Trace, args, err: Console) -> None:
-    """--diagram and --plot, from a trace."""
+def _pictures(trace: Trace, shown: Trace, args, err: Console) -> None:
+    """--diagram (every rank of `trace`, side by side) and --plot (the rank `shown`)."""
     if args.diagram:
         graph = drawing(args.stage, trace, args.step, args.layer)
         write_output(args.diagram, render(graph, _output_format(args.diagram, args.force)), args.force)
         _say(err, f"drew {args.diagram}")
     if args.plot:
-        figure = plots().stage_figure(trace, args.stage, args.step, args.layer, args.head)
+        figure = plots().stage_figure(shown, args.stage, args.step, args.layer, args.head)
         kind = _output_format(args.plot, args.force, plots().PLOT_FORMATS)
         write_output(args.plot, plots().figure_bytes(figure, kind), args.force)
         _say(err, f"plotted {args.plot}")
@@ -111,10 +114,18 @@ def _pictures(trace: Trace, args, err: Console) -> None:
 
 def _show(trace: Trace, args, out: Console, err: Console, needs: dict[str, int] | None = None) -> None:
     """What run shows after the answer: the same for a live trace and a saved one. `needs`: the
-    memory a real run would take, for a shapes-only run."""
+    memory a real run would take, for a shapes-only run. Of a tensor-parallel run, one rank's view."""
+    whole = trace
+    if trace.ranks > 1 or args.rank:
+        trace = trace.of_rank(args.rank)
+        local_heads = trace.config.n_heads // trace.ranks
+        if args.head >= local_heads:
+            first = args.rank * local_heads
+            raise UserError(f"--head {args.head}: rank {args.rank} holds {local_heads} query heads, 0-{local_heads - 1} "
+                            f"(the model's heads {first}-{first + local_heads - 1})")
     for note in trace.notes:
         _say(err, f"note: {note}")
-    _pictures(trace, args, err)
+    _pictures(whole, trace, args, err)
     if args.json:
         answer = trace_to_json(trace, args.step, args.layer, args.stage)
         if needs is not None:
@@ -129,7 +140,10 @@ def _show(trace: Trace, args, out: Console, err: Console, needs: dict[str, int] 
         _say(out, f"{len(trace.new_ids)} new tokens from a {len(trace.prompt_ids)}-token prompt in "
                   f"{trace.seconds:.2f} s")
     _say(out, model_line(trace))
-    if trace.pipeline != PLAIN.name:
+    if trace.rank is not None:
+        _say(out, f"tensor parallel: rank {trace.rank} of {trace.ranks} (--rank {trace.rank}) · "
+                  f"{PIPELINES[trace.pipeline].title}")
+    elif trace.pipeline != PLAIN.name:
         _say(out, f"implementation: {PIPELINES[trace.pipeline].title} (--impl {trace.pipeline})")
     if trace.source:
         _say(out, f"weights: {trace.source}")
@@ -188,9 +202,37 @@ def cmd_run(args, out: Console, err: Console) -> int:
                         f"there are at most {args.max_new_tokens} steps (0-{args.max_new_tokens - 1})")
     _check_outputs(args)
     capture = _capture(args)
+    if args.tp > 1:
+        _check_tensor_parallel(args)
+        if ranks.rank_environment() is None:  # the launcher: checks what it can without weights, starts the ranks
+            config = load_model(args.model, shapes_only=True).config
+            _check_view(args, config)
+            _check_capture_layers(capture, config)
+            check_divisible(config, args.tp)
+            return ranks.launch(args.argv, args.tp, err)
+        shard = ranks.join(args.tp, resolve_device(args.device), args.timeout)
+        try:
+            return _run(args, out, err, capture, shard)
+        finally:
+            ranks.leave()
+    return _run(args, out, err, capture, None)
+
+
+def _check_tensor_parallel(args) -> None:
+    for flag, wanted in (("--shapes-only", args.shapes_only), ("--estimate", args.estimate),
+                         ("--impl packed", args.impl != PLAIN.name)):
+        if wanted:
+            raise UserError(f"--tp runs the plain stages split over ranks; it does not combine with {flag}")
+
+
+def _run(args, out: Console, err: Console, capture: Capture, shard: Shard | None) -> int:
+    """The run itself: in one process, or as one rank of a tensor-parallel run (`shard`)."""
     model = _load(args, err)
     _check_view(args, model.config)
     _check_capture_layers(capture, model.config)
+    if shard is not None:
+        check_divisible(model.config, shard.world)
+        model = Model(model.name, model.config, shard_weights(model.weights, shard), model.tokenizer, model.source)
     if model.tokenizer is None and args.tokens is None:
         raise UserError(f"{model.name} comes without a tokenizer: say how long the prompt is with --tokens N")
     chat = args.tokens is None and not args.raw and model.tokenizer.chat_template is not None
@@ -207,16 +249,28 @@ def cmd_run(args, out: Console, err: Console) -> int:
                   f"{prompt_len}-token prompt and up to {args.max_new_tokens} new tokens "
                   f"(budget {args.max_trace_mb} MB){over}", style="none")
         return 0
-    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    seed = args.seed if shard is None or args.temperature == 0 else ranks.shared_seed(args.seed)
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed)
     streamed: list[str] = []
+    quiet = args.json or (shard is not None and shard.rank != 0)  # one rank speaks for all
 
     def stream(text: str) -> None:
         streamed.append(text)
         out.print(text, end="", markup=False, highlight=False)
 
-    trace = traced_run(model, args.prompt or "", chat=chat, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                       capture=capture, on_text=None if args.json else stream, system=args.system,
-                       stand_in_tokens=args.tokens, pipeline=PIPELINES[args.impl])
+    pipeline = PIPELINES[args.impl] if shard is None else TENSOR_PARALLEL
+    try:
+        trace = traced_run(model, args.prompt or "", chat=chat, max_new_tokens=args.max_new_tokens,
+                           sampling=sampling, capture=capture, on_text=None if quiet else stream,
+                           system=args.system, stand_in_tokens=args.tokens, pipeline=pipeline)
+        if shard is not None:
+            trace = ranks.gather_trace(trace, shard)
+    except RuntimeError as e:  # what torch.distributed raises when a peer is gone or silent
+        if shard is None:
+            raise
+        raise ranks.lost(shard.rank, "lost the other ranks", e) from None
+    if trace is None:  # a rank other than 0: rank 0 shows the whole run
+        return 0
     if not args.json:
         out.print(trace.answer[len("".join(streamed)):], end="", markup=False, highlight=False)
     _check_view(args, model.config, trace.n_steps)

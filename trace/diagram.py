@@ -6,7 +6,7 @@ and a pink band says "You are here".
 Everything drawn comes from the stage registry; dtypes and concrete shapes
 come from a trace when there is one.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from html import escape
 
 import graphviz
@@ -14,6 +14,7 @@ import graphviz
 from stages import UserError
 from stages.pipelines import N_STAGES, PIPELINES, PLAIN, Pipeline
 from stages.registry import Stage, TensorSpec
+from stages.tensor_parallel import ALL_GATHER, ALL_REDUCE
 
 from .recorder import TensorRecord
 from .run import Trace
@@ -29,6 +30,11 @@ DIMMED = {"fillcolor": "#eceff1", "fontcolor": "#90a4ae", "color": "#cfd8dc"}  #
 FLOW = {"color": "#455a64"}
 RESIDUAL = {"color": "#d32f2f", "penwidth": "2.2"}  # the skip arrows of the residual stream, red as in the originals
 FRAME_LABEL_ON_TOP = {"labelloc": "t", "labeljust": "l"}
+COLLECTIVES = (ALL_REDUCE, ALL_GATHER)
+COLLECTIVE_FILL = "#e65100"
+COLLECTIVE_EDGE = {"color": COLLECTIVE_FILL, "penwidth": "1.6"}
+LANE_FILL = ("#eef3f8", "#f6f1ea")  # the ranks' lanes, alternating
+SHARED = ""  # the node-id prefix of what is drawn once for every rank
 MODULES = {range(8, 15): "Multi-Head Self-Attention Module", range(17, 18): "Feed-Forward Module"}
 
 
@@ -41,9 +47,14 @@ class Context:
     where: str = ""  # e.g. "step 0 (prompt: P=0, T=37)"
     here: int | None = None  # the stage the complete-model drawing lights up
     pipeline: Pipeline = PLAIN  # whose stages are drawn
+    ranks: int = 1  # of a tensor-parallel run: the records are every rank's, drawn in one lane per rank
+    rank: int = 0  # the rank whose records `record` finds
+    lanes: tuple[str, ...] = ()  # the node-id prefixes of the ranks' lanes in the stage drawn
+
 
     def record(self, stage: int, name: str) -> TensorRecord | None:
-        return next((r for r in self.records or () if r.stage == stage and r.name == name), None)
+        return next((r for r in self.records or () if r.stage == stage and r.name == name and r.rank == self.rank),
+                    None)
 
 
 def _shape(shape: tuple[int, ...]) -> str:
@@ -115,20 +126,46 @@ def _keep_in_order(g: graphviz.Digraph, anchor: str, nodes: list[str], below: bo
             _up(g, node, anchor, style="invis")
 
 
-def _draw_stage_body(g: graphviz.Digraph, stage: Stage, ctx: Context, present: list[TensorSpec]) -> None:
+def _draw_stage_body(g: graphviz.Digraph, stage: Stage, ctx: Context, present: list[TensorSpec],
+                     lane: str = "", shared: frozenset[str] = frozenset()) -> None:
+    """The stage's tensors and operations, node ids prefixed with `lane` (one rank's). In a lane, the
+    tensors `shared` by all ranks (a collective's result, and what is made from it alone) are left out,
+    and so are the operations that make them: _draw_shared draws those once."""
     names = {t.name for t in present}
     for spec in present:
-        g.node(_node_id(spec.name), tensor_label(spec, ctx.record(stage.number, spec.name), TENSOR_FILL[spec.role]),
-               shape="plain", style="")
-    _keep_in_order(g, "inputs", [_node_id(t.name) for t in present if t.role == "in"], below=True)
+        if shared and (spec.name in shared) != (lane == SHARED):
+            continue
+        g.node(lane + _node_id(spec.name), tensor_label(spec, ctx.record(stage.number, spec.name),
+                                                        TENSOR_FILL[spec.role]), shape="plain", style="")
+    if not (shared and lane == SHARED):
+        _keep_in_order(g, lane + "inputs", [lane + _node_id(t.name) for t in present if t.role == "in"], below=True)
     for i, op in enumerate(stage.ops):
-        g.node(f"op{i}", op.label, fillcolor=OP_FILL, fontcolor="white", style="rounded,filled")
+        if shared and (set(op.outputs) <= shared) != (lane == SHARED):
+            continue
+        collective = op.label in COLLECTIVES
+        g.node(f"{lane}op{i}", f"{op.label}\n(torch.distributed, every rank)" if collective else op.label,
+               fillcolor=COLLECTIVE_FILL if collective else OP_FILL, fontcolor="white", style="rounded,filled")
         for name in op.inputs:
             if name in names:
-                _up(g, _node_id(name), f"op{i}")
+                for source in (ctx.lanes if collective else [lane if name not in shared else SHARED]):
+                    _up(g, source + _node_id(name), f"{lane}op{i}", **(COLLECTIVE_EDGE if collective else {}))
         for name in op.outputs:
             if name in names:
-                _up(g, f"op{i}", _node_id(name))
+                _up(g, f"{lane}op{i}", lane + _node_id(name))
+
+
+def _split(stage: Stage, ctx: Context) -> tuple[list[str], frozenset[str]]:
+    """Of a tensor-parallel trace, where the ranks differ in this stage (their own slices, or a
+    collective): the lanes (node-id prefixes, one per rank) and the tensors every rank holds alike after
+    the collective. Else one lane for all (every rank computes the same)."""
+    if ctx.ranks == 1 or not (any("/N" in t.shape for t in stage.tensors) or
+                              any(o.label in COLLECTIVES for o in stage.ops)):
+        return [SHARED], frozenset()
+    shared: set[str] = set()
+    for o in stage.ops:
+        if o.label in COLLECTIVES or (o.inputs and set(o.inputs) <= shared):
+            shared.update(o.outputs)
+    return [f"r{rank}_" for rank in range(ctx.ranks)], frozenset(shared)
 
 
 def _source_label(source: Stage, number: int) -> str:
@@ -136,9 +173,10 @@ def _source_label(source: Stage, number: int) -> str:
     return f"... stage {source.number}: {source.short}{later}"
 
 
-def _draw_data_flow(g: graphviz.Digraph, stage: Stage, present: list[TensorSpec], pipeline: Pipeline) -> None:
-    """Each input from the stage that makes it, each tensor to the stages that read it: the
-    residual stream's skips in red."""
+def _draw_data_flow(g: graphviz.Digraph, stage: Stage, present: list[TensorSpec], pipeline: Pipeline,
+                    lanes: list[str], shared: frozenset[str]) -> None:
+    """Each input from the stage that makes it, each tensor to the stages that read it (in every lane):
+    the residual stream's skips in red."""
     boxes = set()
     sources = [source for spec in present for source in spec.sources]
     _keep_in_order(g, "sources", [f"from{n}" for n in dict.fromkeys(sources)], below=True)
@@ -150,18 +188,23 @@ def _draw_data_flow(g: graphviz.Digraph, stage: Stage, present: list[TensorSpec]
                 boxes.add(source)
                 g.node(f"from{source}", _source_label(pipeline.stage(source), stage.number), fillcolor=ELSEWHERE_FILL)
             # Two ranks down: below the invisible node that orders the inputs, outside "You are here".
-            _up(g, f"from{source}", _node_id(spec.name), minlen="2", **(RESIDUAL if spec.residual else FLOW))
+            for lane in lanes:
+                _up(g, f"from{source}", lane + _node_id(spec.name), minlen="2",
+                    **(RESIDUAL if spec.residual else FLOW))
         for reader, reader_spec in pipeline.readers(stage.number, spec.name):
             if -reader.number not in boxes:
                 boxes.add(-reader.number)
                 g.node(f"to{reader.number}", f"stage {reader.number}: {reader.short} ...", fillcolor=ELSEWHERE_FILL)
-            _up(g, _node_id(spec.name), f"to{reader.number}", **(RESIDUAL if reader_spec.residual else FLOW))
+            for lane in [SHARED] if spec.name in shared else lanes:
+                _up(g, lane + _node_id(spec.name), f"to{reader.number}",
+                    **(RESIDUAL if reader_spec.residual else FLOW))
 
 
-def _legend(g: graphviz.Digraph) -> None:
+def _legend(g: graphviz.Digraph, collectives: bool = False) -> None:
     """What the colours mean, as one small box beside the drawing."""
     keys = [("tensor", TENSOR_FILL["out"]), ("weight", TENSOR_FILL["weight"]),
             ("made for this step", TENSOR_FILL["aux"]), ("operation", OP_FILL)]
+    keys += [("collective (between ranks)", COLLECTIVE_FILL)] if collectives else []
     rows = "".join(f'<tr><td bgcolor="{fill}">{_white(text)}</td></tr>' for text, fill in keys)
     rows += f'<tr><td bgcolor="{ELSEWHERE_FILL}">another stage</td></tr>'
     rows += f'<tr><td><font color="{RESIDUAL["color"]}"><b>⟶ residual stream (skip)</b></font></td></tr>'
@@ -176,14 +219,26 @@ def stage_diagram(number: int, ctx: Context) -> graphviz.Digraph:
     g = _new_graph(f"Stage {stage.number}: {stage.title}", ctx.where or "symbolic shapes (no run)")
     frames = _frames(stage, ctx)
     present = _present(stage, ctx)
+    lanes, shared = _split(stage, ctx)
+    same = f" · the same on each of the {ctx.ranks} ranks" if ctx.ranks > 1 and lanes == [SHARED] else ""
+    ctx = replace(ctx, lanes=tuple(lanes))
 
     def nest(parent: graphviz.Digraph, depth: int):
         if depth == len(frames):
-            _draw_data_flow(parent, stage, present, ctx.pipeline)
+            _draw_data_flow(parent, stage, present, ctx.pipeline, lanes, shared)
             with parent.subgraph(name="cluster_here") as here:
-                here.attr(label="You are here", style="filled,dashed", fillcolor=HERE_FILL, color="#37474f",
+                here.attr(label="You are here" + same, style="filled,dashed", fillcolor=HERE_FILL, color="#37474f",
                           fontcolor="#c62828", fontsize="14", penwidth="2", **FRAME_LABEL_ON_TOP)
-                _draw_stage_body(here, stage, ctx, present)
+                if lanes == [SHARED]:
+                    _draw_stage_body(here, stage, ctx, present)
+                    return
+                for rank, lane in enumerate(lanes):
+                    with here.subgraph(name=f"cluster_{lane}") as box:
+                        box.attr(label=f"rank {rank}", style="filled", fillcolor=LANE_FILL[rank % 2],
+                                 color="#90a4ae", fontsize="13", **FRAME_LABEL_ON_TOP)
+                        _draw_stage_body(box, stage, replace(ctx, rank=rank), present, lane, shared)
+                if shared:  # the same on every rank: drawn once
+                    _draw_stage_body(here, stage, ctx, present, SHARED, shared)
             return
         with parent.subgraph(name=f"cluster_frame{depth}") as frame:
             frame.attr(label=frames[depth], style="filled", fillcolor=FRAME_FILL[depth % len(FRAME_FILL)],
@@ -191,7 +246,7 @@ def stage_diagram(number: int, ctx: Context) -> graphviz.Digraph:
             nest(frame, depth + 1)
 
     nest(g, 0)
-    _legend(g)
+    _legend(g, collectives=ctx.ranks > 1)
     return g
 
 
@@ -293,7 +348,11 @@ def drawing(number: int | None, trace: Trace | None, step: int = 0, layer: int =
         ctx = Context("any LLaMA model", layer, here=here, pipeline=pipeline)
     else:
         where = trace.describe(step, layer) + ("" if trace.pipeline == PLAIN.name else f" · --impl {trace.pipeline}")
-        ctx = Context(trace.model_name, layer, trace.select(step, layer), where, here, PIPELINES[trace.pipeline])
+        if trace.ranks > 1:
+            where = trace.describe(step, layer) + f" · tensor parallel over {trace.ranks} ranks" + \
+                ("" if number is not None else " (rank 0's shapes)")
+        ctx = Context(trace.model_name, layer, trace.select(step, layer), where, here, PIPELINES[trace.pipeline],
+                      trace.ranks, trace.rank or 0)
     return model_diagram(ctx) if number is None else stage_diagram(number, ctx)
 
 

@@ -35,6 +35,7 @@ class TensorRecord:
     symbolic: str
     dtype: str  # the dtype the model computed in (values may be stored smaller: see Capture.store_dtype)
     shape: tuple[int, ...]
+    rank: int = 0  # the process that made it, in a tensor-parallel run (stages.tensor_parallel)
     _stats: torch.Tensor | None = field(default=None, repr=False)  # (4) float64: STAT_NAMES, once asked for
     _sums: "Sums | None" = field(default=None, repr=False)  # what the run computed them from (see _sums)
     _values: torch.Tensor | None = field(default=None, repr=False)
@@ -201,8 +202,8 @@ class Capture:
 
 
 class Recorder:
-    def __init__(self, capture: Capture = Capture(), pipeline: Pipeline = PLAIN):
-        self.capture, self.pipeline = capture, pipeline
+    def __init__(self, capture: Capture = Capture(), pipeline: Pipeline = PLAIN, rank: int = 0):
+        self.capture, self.pipeline, self.rank = capture, pipeline, rank
         self._records: list[TensorRecord] = []
         self.step: int | None = None
         self.layer: int | None = None
@@ -297,7 +298,7 @@ class Recorder:
             self._specs[stage, name] = self.pipeline.stage(stage).spec(name)
         spec = self._specs[stage, name]
         record = TensorRecord(self.step, self.layer, stage, name, spec.role, spec.shape, dtype_name(tensor.dtype),
-                              tuple(shape or tensor.shape))
+                              tuple(shape or tensor.shape), self.rank)
         self._records.append(record)
         if tensor.is_meta:  # shapes only: there are no numbers to summarise or keep
             return

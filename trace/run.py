@@ -1,7 +1,7 @@
 """A traced run: the prompt through the model with a Recorder listening, and the
 resulting trace: everything needed to show it, without the model."""
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -11,6 +11,7 @@ from stages.hooks import recording
 from stages.text import stand_in_prompt
 from stages.pipelines import PIPELINES, PLAIN, Pipeline
 from stages.registry import Stage
+from stages.tensor_parallel import current as current_shard
 from stages.tensor_ids import NEXT_TOKEN_PROBS
 
 from .recorder import Capture, Recorder, TensorRecord, dtype_name
@@ -39,6 +40,16 @@ class Trace:
     source: str = ""  # the checkpoint's format and the RoPE layout its rows came in ("" in old trace files)
     shapes_only: bool = False  # run on the meta device: shapes and dtypes, no values, no token chosen
     pipeline: str = PLAIN.name  # the implementation that ran (stages.pipelines)
+    ranks: int = 1  # the processes of a tensor-parallel run (--tp), each with its own records
+    rank: int | None = None  # the one rank whose records this trace holds (see of_rank); None: every rank's
+
+    def of_rank(self, rank: int) -> "Trace":
+        """What rank `rank` of a tensor-parallel run computed: its own slices and partial sums, and the
+        results of the collectives (equal on every rank). The tables and pictures show one rank at a time."""
+        if not 0 <= rank < self.ranks:
+            raise UserError(f"--rank {rank} does not exist: the run had {self.ranks} rank"
+                            f"{'s' if self.ranks > 1 else ''} (0-{self.ranks - 1})")
+        return replace(self, records=[r for r in self.records if r.rank == rank], rank=rank)
 
     @property
     def stages(self) -> tuple[Stage, ...]:
@@ -127,7 +138,8 @@ def traced_run(model: Model, prompt: str, *, chat: bool = True, max_new_tokens: 
     """The prompt (with the system prompt, in the chat template where `chat`) through the model,
     recorded. `stand_in_tokens` feeds that many placeholder ids instead of the prompt (for a
     shapes-only model without a tokenizer). `pipeline` is the implementation that runs."""
-    recorder = Recorder(capture, pipeline)
+    shard = current_shard()
+    recorder = Recorder(capture, pipeline, rank=shard.rank if shard else 0)
     started = time.perf_counter()
     with recording(recorder):
         if stand_in_tokens is not None:
@@ -156,4 +168,5 @@ def traced_run(model: Model, prompt: str, *, chat: bool = True, max_new_tokens: 
                  dtype=dtype_name(model.dtype), prompt=prompt, chat=chat, sampling=sampling,
                  prompt_ids=prompt_ids, new_ids=new_ids, text=text, answer=answer, pieces=pieces,
                  records=recorder.records, capture=capture, seconds=seconds, notes=notes, source=model.source,
-                 shapes_only=model.device.type == "meta", pipeline=pipeline.name)
+                 shapes_only=model.device.type == "meta", pipeline=pipeline.name, ranks=shard.world if shard else 1,
+                 rank=shard.rank if shard else None)

@@ -8,6 +8,7 @@ from rich.text import Text
 from stages.pipelines import PIPELINES, PLAIN, Pipeline
 from stages.registry import NOTATION
 from stages.rope import PAIRS
+from stages.tensor_parallel import SPLIT_DIM
 
 from .recorder import STAT_NAMES, TensorRecord
 from .run import Trace
@@ -44,6 +45,28 @@ def packing_table(parts: list) -> Table:
                       "\n".join(p.checkpoint_names))
     table.caption = Text("* rows in rotate-half order: each head's (x[i], x[i+Dh/2]) pairs, as Hugging Face "
                          "stores them; Meta's and GGUF's interleaved rows are reordered so", style="dim")
+    table.caption_justify = "left"
+    return table
+
+
+def split_table(trace: Trace, records: list[TensorRecord]) -> Table | None:
+    """Of a tensor-parallel trace: which slice of each of these weights every rank holds."""
+    weights = [r for r in records if r.role == "weight" and r.name in SPLIT_DIM]
+    if not weights:
+        return None
+    table = _table(f"The weights split over {trace.ranks} ranks (rank {trace.rank} shown above)", "weight",
+                   "whole", "each rank holds", *(f"rank {rank}" for rank in range(trace.ranks)))
+    for r in weights:
+        dim = SPLIT_DIM[r.name]
+        whole = list(r.shape)
+        whole[dim] *= trace.ranks
+        part = r.shape[dim]
+        slices = [Text(f"{rank * part}-{(rank + 1) * part - 1}", style="bold" if rank == trace.rank else "dim")
+                  for rank in range(trace.ranks)]
+        table.add_row(Text(r.name, style=ROLE_STYLE["weight"]), _shape(tuple(whole)),
+                      "rows (output)" if dim == 0 else "columns (input)", *slices)
+    table.caption = Text("column-parallel weights split their output rows, row-parallel ones their input columns "
+                         "(the product is then a partial sum, all-reduced)", style="dim")
     table.caption_justify = "left"
     return table
 
@@ -134,6 +157,8 @@ def stage_detail(trace: Trace, number_: int, step: int, layer: int, head: int = 
         packed = [p for p in packer(trace.config) if p.packed in {r.name for r in records}]
         if packed:
             parts.append(packing_table(packed))
+    if trace.ranks > 1 and (split := split_table(trace, records)) is not None:
+        parts.append(split)
     if s.number == 1:
         parts.append(Text("Pieces: " + " ".join(repr(trace.piece(i)) for i in trace.prompt_ids)))
     return Group(*parts)

@@ -20,6 +20,7 @@ import torch
 from stages import ModelConfig, Sampling, UserError
 from stages.inputs import regular_file
 from stages.pipelines import N_STAGES, PIPELINES
+from stages.tensor_parallel import MAX_RANKS
 from stages.registry import Stage
 
 from .files import output_file
@@ -27,11 +28,11 @@ from .manifest import MANIFEST, check, check_placement
 from .recorder import STAT_NAMES, Capture, Ranges, Rule, TensorRecord, dtype_name
 from .run import Trace
 
-FORMAT, FORMAT_VERSION = "llama-trace", 5
+FORMAT, FORMAT_VERSION = "llama-trace", 6
 # Tensors that versions 1 and 2 called by names now used for other tensors (or by none).
 RENAMED_IN_V3 = {(14, "output"): "head outputs", (14, "output (transposed)"): "heads merged",
                  (19, "h"): "out", (19, "normalized h"): "normalized out"}
-READS = (1, 2, 3, 4, 5)  # version 4 added the model's source, 5 the implementation
+READS = (1, 2, 3, 4, 5, 6)  # version 4 added the model's source, 5 the implementation, 6 the ranks
 STORED = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool, "C64": torch.complex64}
@@ -103,8 +104,9 @@ def save_trace(trace: Trace, path: Path, force: bool) -> Path:
         "capture": _capture_json(trace.capture), "seconds": trace.seconds, "notes": trace.notes,
         "records": [{"step": r.step, "layer": r.layer, "stage": r.stage, "name": r.name, "role": r.role,
                      "symbolic": r.symbolic, "dtype": r.dtype, "shape": list(r.shape),
-                     "stats": list(r.stats.values()) if r.stats else None, "values": place}
+                     "stats": list(r.stats.values()) if r.stats else None, "values": place, "rank": r.rank}
                     for r, place in zip(trace.records, places, strict=True)],
+        "ranks": trace.ranks,
     }
     header, offset = {"__metadata__": {FORMAT: json.dumps(manifest, separators=(",", ":"))}}, 0
     for key, block in tensors.items():
@@ -185,7 +187,7 @@ def _v1_rules(manifest: dict) -> None:
 
 
 def _record(entry: dict, tensors: dict[str, torch.Tensor], n_steps: int, config: ModelConfig,
-            stages: tuple[Stage, ...]) -> TensorRecord:
+            stages: tuple[Stage, ...], ranks: int) -> TensorRecord:
     """One record of the manifest, each field checked against the registry and the run."""
     where = f"stage {entry['stage']} {entry['name']!r} (step {entry['step']}, layer {entry['layer']})"
     if not 1 <= entry["stage"] <= N_STAGES:
@@ -193,6 +195,8 @@ def _record(entry: dict, tensors: dict[str, torch.Tensor], n_steps: int, config:
     spec = next((t for t in stages[entry["stage"] - 1].tensors if t.name == entry["name"]), None)
     if spec is None or spec.role != entry["role"]:
         raise UserError(f"damaged trace file: {where} is no tensor of that stage")
+    if not 0 <= entry["rank"] < ranks:
+        raise UserError(f"damaged trace file: {where} comes from rank {entry['rank']} of a run on {ranks}")
     if entry["step"] is not None and not 0 <= entry["step"] < max(n_steps, 1) or \
             entry["layer"] is not None and not 0 <= entry["layer"] < config.n_layers:
         raise UserError(f"damaged trace file: {where} lies outside the run")
@@ -212,7 +216,7 @@ def _record(entry: dict, tensors: dict[str, torch.Tensor], n_steps: int, config:
         values = block.as_strided(place["shape"], place["stride"], place["offset"])
     return TensorRecord(step=entry["step"], layer=entry["layer"], stage=entry["stage"], name=entry["name"],
                         role=entry["role"], symbolic=entry["symbolic"], dtype=entry["dtype"],
-                        shape=tuple(entry["shape"]),
+                        shape=tuple(entry["shape"]), rank=entry["rank"],
                         _stats=torch.tensor(entry["stats"], dtype=torch.float64) if entry["stats"] else None,
                         _values=values)
 
@@ -226,6 +230,11 @@ def load_trace(path: Path) -> Trace:
         manifest["model"].setdefault("source", "")
     if manifest["version"] < 5:
         manifest.setdefault("implementation", "plain")
+    if manifest["version"] < 6:
+        manifest.setdefault("ranks", 1)
+        for entry in manifest.get("records", []) if isinstance(manifest.get("records"), list) else []:
+            if isinstance(entry, dict):
+                entry.setdefault("rank", 0)
     check(manifest, MANIFEST)
     if manifest["implementation"] not in PIPELINES:
         raise UserError(f"damaged trace file {path}: it names no implementation we know "
@@ -244,10 +253,13 @@ def load_trace(path: Path) -> Trace:
             not all(key.isdigit() for key in manifest["pieces"]):
         raise UserError(f"damaged trace file {path}: its token ids do not fit its vocabulary")
     stages = PIPELINES[manifest["implementation"]].stages
-    records = [_record(entry, tensors, n_steps, config, stages) for entry in manifest["records"]]
+    if not 1 <= manifest["ranks"] <= MAX_RANKS:
+        raise UserError(f"damaged trace file {path}: it claims a run on {manifest['ranks']} ranks")
+    records = [_record(entry, tensors, n_steps, config, stages, manifest["ranks"]) for entry in manifest["records"]]
     return Trace(model_name=model["name"], config=config, device=model["device"], dtype=model["dtype"],
                  prompt=manifest["prompt"], chat=manifest["chat"], sampling=sampling,
                  prompt_ids=manifest["prompt_ids"], new_ids=manifest["new_ids"], text=manifest["text"],
                  answer=manifest["answer"], pieces={int(k): v for k, v in manifest["pieces"].items()},
                  records=records, capture=_capture_from(manifest["capture"]), seconds=manifest["seconds"],
-                 notes=manifest["notes"], source=model["source"], pipeline=manifest["implementation"])
+                 notes=manifest["notes"], source=model["source"], pipeline=manifest["implementation"],
+                 ranks=manifest["ranks"])

@@ -89,8 +89,10 @@ def write_gguf(model: LlamaForCausalLM, path: Path) -> Path:
     return path
 
 
-def tiny_pair(path: Path, n_heads: int, n_kv_heads: int):
-    config = dataclasses.replace(TINY, n_heads=n_heads, n_kv_heads=n_kv_heads)
+def tiny_pair(path: Path, n_heads: int, n_kv_heads: int, **sizes: int):
+    """(our Model, HF LlamaForCausalLM) of TINY with these heads (and other `sizes`: dim, ffn_dim, ...),
+    the same random weights, through a real GGUF file at `path`."""
+    config = dataclasses.replace(TINY, n_heads=n_heads, n_kv_heads=n_kv_heads, **sizes)
     hf_config = LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.dim,
                             intermediate_size=config.ffn_dim, num_hidden_layers=config.n_layers,
                             num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,

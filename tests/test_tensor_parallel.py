@@ -1,0 +1,156 @@
+"""`run --tp N`: real processes joined by torch.distributed (gloo on the CPU), compared with one process."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from stages.tensor_parallel import SPLIT_DIM
+from trace.recorder import Capture
+from trace.run import traced_run
+from trace.tracefile import load_trace
+from trace.verify import tiny_pair
+
+from .test_cli import ROOT, WIDTH, cli
+
+PROMPT = "the cat sat"
+# Tensors every rank holds whole after a collective (or before any), equal to the single-process run's.
+WHOLE = [(4, "x"), (7, "attention output"), (14, "attention output"), (15, "h"), (17, "ffn output"),
+         (18, "out"), (19, "logits"), (19, "probs")]
+# Tensors of the rank's own heads or FFN columns, and the axis the rank's slice lies on.
+SLICED = [(8, "xq", 1), (8, "xk", 1), (8, "xv", 1), (10, "xq (rotated)", 1), (11, "cache_k", 1),
+          (13, "scores (softmax)", 0), (14, "heads merged", 1), (17, "gate * up", 1)]
+SIZES = {2: dict(n_heads=4, n_kv_heads=2), 3: dict(n_heads=6, n_kv_heads=3, dim=96, ffn_dim=192)}
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["tp2", "tp3"])
+def runs(request, tmp_path_factory):
+    """(N, the GGUF, the single-process trace, the N-rank trace read back from its file)."""
+    world = request.param
+    folder = tmp_path_factory.mktemp(f"tp{world}")
+    model, _ = tiny_pair(folder / "tiny.gguf", **SIZES[world])
+    single = traced_run(model, PROMPT, chat=False, max_new_tokens=4, capture=Capture.everything())
+    result = cli("run", PROMPT, "--raw", "--model", str(folder / "tiny.gguf"), "--tp", str(world),
+                 "--capture", "all", "--max-new-tokens", "4", "--save", str(folder / "tp.trace"))
+    assert result.returncode == 0, result.stderr
+    return world, folder, single, load_trace(folder / "tp.trace")
+
+
+def test_same_tokens_and_every_whole_tensor_as_one_process(runs):
+    world, _, single, tp = runs
+    assert tp.ranks == world and tp.new_ids == single.new_ids
+    for rank in range(world):
+        view = tp.of_rank(rank)
+        for step in range(single.n_steps):
+            for layer in range(single.config.n_layers):
+                for stage, name in WHOLE:
+                    torch.testing.assert_close(view.values(stage, name, step, layer),
+                                               single.values(stage, name, step, layer), rtol=1e-5, atol=1e-5)
+
+
+def test_partial_sums_add_up_to_the_all_reduced_tensor(runs):
+    world, _, single, tp = runs
+    for stage, name in ((4, "x"), (14, "attention output"), (17, "ffn output")):
+        for step in range(tp.n_steps):
+            partials = [tp.of_rank(r).values(stage, f"{name} (partial)", step, 1) for r in range(world)]
+            assert not torch.allclose(partials[0], partials[1])  # each rank holds a different part
+            torch.testing.assert_close(sum(partials), single.values(stage, name, step, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_each_rank_holds_its_slice(runs):
+    world, _, single, tp = runs
+    c = single.config
+    for rank in range(world):
+        view = tp.of_rank(rank)
+        for stage, name, axis in SLICED:
+            whole = single.values(stage, name, 1, 0)
+            width = whole.shape[axis] // world
+            torch.testing.assert_close(view.values(stage, name, 1, 0),
+                                       whole.narrow(axis, rank * width, width), rtol=1e-5, atol=1e-5)
+        for stage, name in ((8, "wq"), (8, "wk"), (14, "wo"), (17, "w1"), (17, "w2"), (4, "tok_embeddings"),
+                            (19, "output")):
+            full = single.record(stage, name, 0, 0).shape
+            split = list(full)
+            split[SPLIT_DIM[name]] //= world
+            assert view.record(stage, name, 0, 0).shape == tuple(split)
+        assert view.record(19, "logits (slice)").shape == (c.vocab_size // world,)
+
+
+def test_the_trace_file_shows_and_diffs_like_any_other(runs):
+    world, folder, single, tp = runs
+    shown = cli("show", str(folder / "tp.trace"), "--stage", "14", "--rank", str(world - 1))
+    assert shown.returncode == 0, shown.stderr
+    assert f"rank {world - 1} of {world}" in shown.stdout and "attention output (partial)" in shown.stdout
+    assert all(len(line) <= WIDTH for line in shown.stdout.splitlines())
+    diffed = cli("diff", str(folder / "tp.trace"), str(folder / "tp.trace"))
+    assert diffed.returncode == 0, diffed.stderr
+    wrong = cli("show", str(folder / "tp.trace"), "--rank", str(world))
+    assert wrong.returncode == 1 and wrong.stderr.count("\n") == 1 and f"had {world} ranks" in wrong.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tp", "2"], "9 query heads H do not split evenly over 2 ranks (it splits over 1, 3"),
+    (["--tp", "3", "--impl", "packed"], "does not combine with --impl packed"),
+    (["--tp", "3", "--shapes-only"], "does not combine with --shapes-only"),
+])
+def test_what_does_not_split_is_one_line(args, message):
+    result = cli("run", "hi", *args)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr
+
+
+def _ranks_of(launcher: subprocess.Popen, world: int, seconds: float = 60) -> list[int]:
+    """The pids of the ranks a launcher started (its child processes), once all are running."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+        if len(children) == world:
+            return [int(pid) for pid in children]
+        time.sleep(0.05)
+    raise AssertionError("the ranks did not start")
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the ranks through /proc (Linux)")
+@pytest.mark.parametrize("how, message", [
+    (signal.SIGKILL, "rank 1 of 2 was killed (SIGKILL); the other ranks were stopped"),
+    (signal.SIGSTOP, "failed"),  # a rank that hangs: the others give up after --timeout
+])
+def test_a_rank_that_dies_or_hangs_ends_the_run_in_one_line(runs, how, message):
+    world, folder, _, _ = runs
+    if world != 2:
+        pytest.skip("one world size is enough")
+    launcher = subprocess.Popen([sys.executable, "-m", "trace", "run", PROMPT, "--raw", "--model",
+                                 str(folder / "tiny.gguf"), "--tp", "2", "--timeout", "5"], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ranks = _ranks_of(launcher, 2)
+    os.kill(ranks[1], how)
+    _, stderr = launcher.communicate(timeout=60)
+    assert launcher.returncode == 1 and stderr.count("\n") == 1, stderr
+    assert message in stderr
+    assert all(_gone(pid) for pid in ranks)  # no orphans
+
+
+def test_the_drawing_has_a_lane_per_rank_and_each_collective_once(runs):
+    world, folder, _, _ = runs
+    for stage, collective in ((14, "all-reduce"), (19, "all-gather")):
+        drawn = folder / f"stage{stage}.svg"
+        result = cli("show", str(folder / "tp.trace"), "--stage", str(stage), "--diagram", str(drawn), "--force")
+        assert result.returncode == 0, result.stderr
+        svg = drawn.read_text()
+        assert all(f">rank {rank}<" in svg for rank in range(world)) and f">rank {world}<" not in svg
+        assert svg.count(f">{collective.replace('-', '&#45;')}:") == 1
+    same = folder / "stage6.dot"
+    assert cli("show", str(folder / "tp.trace"), "--stage", "6", "--diagram", str(same), "--force").returncode == 0
+    assert f"the same on each of the {world} ranks" in same.read_text() and 'label="rank 0"' not in same.read_text()
