@@ -1,4 +1,5 @@
 """`run --tp N`: real processes joined by torch.distributed (gloo on the CPU), compared with one process."""
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from trace.run import traced_run
 from trace.tracefile import load_trace
 from trace.verify import tiny_pair
 
-from .test_cli import ROOT, WIDTH, cli
+from .test_cli import QUESTION, ROOT, WIDTH, cli
 
 PROMPT = "the cat sat"
 # Tensors every rank holds whole after a collective (or before any), equal to the single-process run's.
@@ -154,3 +155,20 @@ def test_the_drawing_has_a_lane_per_rank_and_each_collective_once(runs):
     same = folder / "stage6.dot"
     assert cli("show", str(folder / "tp.trace"), "--stage", "6", "--diagram", str(same), "--force").returncode == 0
     assert f"the same on each of the {world} ranks" in same.read_text() and 'label="rank 0"' not in same.read_text()
+
+
+def test_the_embedded_model_on_three_ranks_answers_as_on_one(embedded_model, tmp_path):
+    """Real weights (H = 9, Hkv = 3: three ranks of 3 query heads and one KV head each)."""
+    single = traced_run(embedded_model, QUESTION, max_new_tokens=8)
+    result = cli("run", QUESTION, "--tp", "3", "--max-new-tokens", "8", "--save", str(tmp_path / "tp.trace"),
+                 "--json")
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["tensor_parallel"] == {"ranks": 3, "rank": 0} and shown["text"] == single.text
+    tp = load_trace(tmp_path / "tp.trace")
+    assert tp.new_ids == single.new_ids and tp.answer == "The capital of France is Paris."
+    for rank in range(3):
+        torch.testing.assert_close(tp.of_rank(rank).values(19, "logits"), single.values(19, "logits"),
+                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(tp.of_rank(rank).values(18, "out"), single.values(18, "out"),
+                                   rtol=1e-4, atol=1e-4)

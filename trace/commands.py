@@ -141,8 +141,9 @@ def _show(trace: Trace, args, out: Console, err: Console, needs: dict[str, int] 
                   f"{trace.seconds:.2f} s")
     _say(out, model_line(trace))
     if trace.rank is not None:
-        _say(out, f"tensor parallel: rank {trace.rank} of {trace.ranks} (--rank {trace.rank}) · "
-                  f"{PIPELINES[trace.pipeline].title}")
+        backend = "nccl" if trace.device == "cuda" else "gloo"
+        _say(out, f"tensor parallel: rank {trace.rank} of {trace.ranks} (--rank R for another) · "
+                  f"torch.distributed, {backend}")
     elif trace.pipeline != PLAIN.name:
         _say(out, f"implementation: {PIPELINES[trace.pipeline].title} (--impl {trace.pipeline})")
     if trace.source:

@@ -29,6 +29,7 @@ def trace_to_json(trace: Trace, step: int, layer: int, stage: int | None) -> dic
         "generated_ids": trace.new_ids,
         "text": trace.text, "steps": trace.n_steps, "seconds": round(trace.seconds, 3),
         "step": step, "layer": layer, "P": P, "T": T,
+        "tensor_parallel": {"ranks": trace.ranks, "rank": trace.rank} if trace.ranks > 1 else None,
         "stages": [{"number": s.number, "title": s.title, "short": s.short, "scope": s.scope,
                     "explanation": s.explanation,
                     "tensors": [_tensor(r, with_values=stage is not None)
