@@ -1,5 +1,6 @@
 """`run --tp N`: real processes joined by torch.distributed (gloo on the CPU), compared with one process."""
 import json
+import re
 import os
 import signal
 import subprocess
@@ -87,16 +88,28 @@ def test_the_trace_file_shows_and_diffs_like_any_other(runs):
     assert shown.returncode == 0, shown.stderr
     assert f"rank {world - 1} of {world}" in shown.stdout and "attention output (partial)" in shown.stdout
     assert all(len(line) <= WIDTH for line in shown.stdout.splitlines())
+    assert "query heads 0-1 are the model's" in shown.stdout
     diffed = cli("diff", str(folder / "tp.trace"), str(folder / "tp.trace"))
     assert diffed.returncode == 0, diffed.stderr
+    for stage in (12, 13, 17):  # the figures of one rank, with its own heads numbered from 0
+        plotted = cli("show", str(folder / "tp.trace"), "--stage", str(stage), "--rank", "1", "--head", "1",
+                      "--plot", str(folder / f"rank1-{stage}.png"), "--force")
+        assert plotted.returncode == 0 and (folder / f"rank1-{stage}.png").stat().st_size > 10_000, plotted.stderr
+    too_far = cli("show", str(folder / "tp.trace"), "--stage", "13", "--head", "2")  # both models: 2 heads a rank
+    assert too_far.returncode == 1 and "rank 0 holds 2 query heads, numbered 0-1" in too_far.stderr
     wrong = cli("show", str(folder / "tp.trace"), "--rank", str(world))
     assert wrong.returncode == 1 and wrong.stderr.count("\n") == 1 and f"had {world} ranks" in wrong.stderr
+    assert wrong.stdout == ""  # said before anything is shown
 
 
 @pytest.mark.parametrize("args, message", [
     (["--tp", "2"], "9 query heads H do not split evenly over 2 ranks (it splits over 1, 3"),
     (["--tp", "3", "--impl", "packed"], "does not combine with --impl packed"),
     (["--tp", "3", "--shapes-only"], "does not combine with --shapes-only"),
+    (["--tp", "3", "--rank", "3"], "with --tp 3 the ranks are 0-2"),
+    (["--tp", "3", "--head", "3"], "rank 0 holds 3 query heads, numbered 0-2"),
+    (["--rank", "1"], "add --tp N"),
+    (["--tp", "2", "--model", "llama-3.1-8b"], "the preset llama-3.1-8b has none"),
 ])
 def test_what_does_not_split_is_one_line(args, message):
     result = cli("run", "hi", *args)
@@ -105,12 +118,14 @@ def test_what_does_not_split_is_one_line(args, message):
 
 
 def _ranks_of(launcher: subprocess.Popen, world: int, seconds: float = 60) -> list[int]:
-    """The pids of the ranks a launcher started (its child processes), once all are running."""
+    """The pids of the ranks a launcher started (its child processes), in rank order, once all run."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
         if len(children) == world:
-            return [int(pid) for pid in children]
+            rank = {pid: next(int(v[5:]) for v in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
+                              if v.startswith("RANK=")) for pid in children}
+            return sorted(map(int, children), key=lambda pid: rank[str(pid)])
         time.sleep(0.05)
     raise AssertionError("the ranks did not start")
 
@@ -126,7 +141,7 @@ def _gone(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the ranks through /proc (Linux)")
 @pytest.mark.parametrize("how, message", [
     (signal.SIGKILL, "rank 1 of 2 was killed (SIGKILL); the other ranks were stopped"),
-    (signal.SIGSTOP, "failed"),  # a rank that hangs: the others give up after --timeout
+    (signal.SIGSTOP, "rank 1 of 2 stopped answering"),  # a rank that hangs: the others give up after --timeout
 ])
 def test_a_rank_that_dies_or_hangs_ends_the_run_in_one_line(runs, how, message):
     world, folder, _, _ = runs
@@ -150,7 +165,8 @@ def test_the_drawing_has_a_lane_per_rank_and_each_collective_once(runs):
         result = cli("show", str(folder / "tp.trace"), "--stage", str(stage), "--diagram", str(drawn), "--force")
         assert result.returncode == 0, result.stderr
         svg = drawn.read_text()
-        assert all(f">rank {rank}<" in svg for rank in range(world)) and f">rank {world}<" not in svg
+        lanes = re.findall(r">rank (\d+)( \(shown in the tables\))?<", svg)
+        assert lanes == [(str(rank), " (shown in the tables)" if rank == 0 else "") for rank in range(world)]
         assert svg.count(f">{collective.replace('-', '&#45;')}:") == 1
     same = folder / "stage6.dot"
     assert cli("show", str(folder / "tp.trace"), "--stage", "6", "--diagram", str(same), "--force").returncode == 0
@@ -164,7 +180,9 @@ def test_the_embedded_model_on_three_ranks_answers_as_on_one(embedded_model, tmp
                  "--json")
     assert result.returncode == 0, result.stderr
     shown = json.loads(result.stdout)
-    assert shown["tensor_parallel"] == {"ranks": 3, "rank": 0} and shown["text"] == single.text
+    split = shown["tensor_parallel"]
+    assert (split["ranks"], split["rank"], split["query_heads"], split["kv_heads"]) == (3, 0, [0, 2], [0, 0])
+    assert split["weights"]["wo"] == {"dim": 1, "from": 0, "to": 191} and shown["text"] == single.text
     tp = load_trace(tmp_path / "tp.trace")
     assert tp.new_ids == single.new_ids and tp.answer == "The capital of France is Paris."
     for rank in range(3):
@@ -172,3 +190,21 @@ def test_the_embedded_model_on_three_ranks_answers_as_on_one(embedded_model, tmp
                                    rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(tp.of_rank(rank).values(18, "out"), single.values(18, "out"),
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_under_torchrun_each_process_is_one_rank(runs):
+    """torchrun starts the processes (as it would on several machines); the command starts none of its own."""
+    world, folder, _, tp = runs
+    if world != 2:
+        pytest.skip("one world size is enough")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "llama_trace", "run", PROMPT, "--raw", "--model", str(folder / "tiny.gguf"),
+                             "--tp", "2", "--capture", "all", "--max-new-tokens", "4", "--save",
+                             str(folder / "torchrun.trace"), "--force"],
+                            cwd=folder, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("tensor parallel: rank 0 of 2") == 1  # rank 1 says nothing
+    started = load_trace(folder / "torchrun.trace")
+    assert started.ranks == 2 and started.new_ids == tp.new_ids
+    for rank in range(2):
+        torch.testing.assert_close(started.of_rank(rank).values(19, "logits", 1), tp.of_rank(rank).values(19, "logits", 1))

@@ -12,7 +12,7 @@ from stages import DTYPES, PRESETS, UserError
 from stages.pipelines import IMPLEMENTATIONS, N_STAGES
 from stages.tensor_parallel import MAX_RANKS
 
-from . import commands
+from . import commands, ranks
 from .commands import DEFAULT_PROMPT
 
 EXAMPLES = """examples:
@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "step and layer, the default), 'all', or rules like 'stages=13,17 layers=0-3 "
                               "steps=0' (several separated by ';'), kept on top of the shown step and layer")
     capture.add_argument("--max-trace-mb", type=_count(1), default=1024, metavar="MB",
-                         help="stop keeping values beyond this many MB, and say so (default 1024)")
+                         help="stop keeping values beyond this many MB, and say so (default 1024; with --tp, "
+                              "on each rank)")
     capture.add_argument("--store-dtype", choices=("float16", "bfloat16"),
                          help="keep floating-point values in this smaller dtype (statistics stay exact)")
     capture.add_argument("--estimate", action="store_true",
@@ -205,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--stage", type=_stage_number, metavar="N", help="only stage N")
     diff.add_argument("--layer", type=_count(0), default=0, metavar="L", help="the block to compare (default 0)")
     diff.add_argument("--step", type=_count(0), default=0, metavar="S", help="the step to compare (default 0)")
+    diff.add_argument("--rank", type=_count(0, MAX_RANKS - 1), default=0, metavar="R",
+                      help="of a tensor-parallel trace (run --tp N): the rank to compare (default 0)")
 
     stages_cmd = _command(subcommands, parser, "stages", "list the 19 stages",
                           "The 19 stages of the diagrams, and the letters their shapes use.")
@@ -246,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # here, where a closed pipe can still be caught
         return status
     except UserError as e:
-        err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        if ranks.speaks():
+            err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
         return 1
     except BrokenPipeError:
         # The reader went away (`| head`): stop quietly, as command-line tools do.

@@ -1,5 +1,6 @@
 """What each command of `python -m trace` does, given its parsed arguments."""
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -102,7 +103,7 @@ def _check_capture_layers(capture: Capture, config) -> None:
 def _pictures(trace: Trace, shown: Trace, args, err: Console) -> None:
     """--diagram (every rank of `trace`, side by side) and --plot (the rank `shown`)."""
     if args.diagram:
-        graph = drawing(args.stage, trace, args.step, args.layer)
+        graph = drawing(args.stage, replace(trace, rank=shown.rank), args.step, args.layer)
         write_output(args.diagram, render(graph, _output_format(args.diagram, args.force)), args.force)
         _say(err, f"drew {args.diagram}")
     if args.plot:
@@ -116,13 +117,8 @@ def _show(trace: Trace, args, out: Console, err: Console, needs: dict[str, int] 
     """What run shows after the answer: the same for a live trace and a saved one. `needs`: the
     memory a real run would take, for a shapes-only run. Of a tensor-parallel run, one rank's view."""
     whole = trace
-    if trace.ranks > 1 or args.rank:
+    if trace.ranks > 1:
         trace = trace.of_rank(args.rank)
-        local_heads = trace.config.n_heads // trace.ranks
-        if args.head >= local_heads:
-            first = args.rank * local_heads
-            raise UserError(f"--head {args.head}: rank {args.rank} holds {local_heads} query heads, 0-{local_heads - 1} "
-                            f"(the model's heads {first}-{first + local_heads - 1})")
     for note in trace.notes:
         _say(err, f"note: {note}")
     _pictures(whole, trace, args, err)
@@ -142,8 +138,8 @@ def _show(trace: Trace, args, out: Console, err: Console, needs: dict[str, int] 
     _say(out, model_line(trace))
     if trace.rank is not None:
         backend = "nccl" if trace.device == "cuda" else "gloo"
-        _say(out, f"tensor parallel: rank {trace.rank} of {trace.ranks} (--rank R for another) · "
-                  f"torch.distributed, {backend}")
+        _say(out, f"tensor parallel: rank {trace.rank} of {trace.ranks} (--rank R) · torch.distributed, {backend}")
+        _say(out, trace.heads_line())
     elif trace.pipeline != PLAIN.name:
         _say(out, f"implementation: {PIPELINES[trace.pipeline].title} (--impl {trace.pipeline})")
     if trace.source:
@@ -203,13 +199,22 @@ def cmd_run(args, out: Console, err: Console) -> int:
                         f"there are at most {args.max_new_tokens} steps (0-{args.max_new_tokens - 1})")
     _check_outputs(args)
     capture = _capture(args)
+    started_as = ranks.rank_environment()
+    if started_as is not None and started_as[1] > 1 and args.tp == 1:
+        raise UserError(f"this process is one of {started_as[1]} ranks (WORLD_SIZE={started_as[1]}): add --tp "
+                        f"{started_as[1]} to split the model over them")
+    if args.rank >= args.tp:
+        raise UserError(f"--rank {args.rank} does not exist: with --tp {args.tp} the ranks are 0-{args.tp - 1}"
+                        if args.tp > 1 else f"--rank {args.rank} shows one rank of a tensor-parallel run: add --tp N")
     if args.tp > 1:
         _check_tensor_parallel(args)
-        if ranks.rank_environment() is None:  # the launcher: checks what it can without weights, starts the ranks
+        if started_as is None:  # the launcher: checks what it can without weights, then starts the ranks
+            resolve_device(args.device)
             config = load_model(args.model, shapes_only=True).config
             _check_view(args, config)
             _check_capture_layers(capture, config)
             check_divisible(config, args.tp)
+            _check_rank_head(args, config.n_heads // args.tp)
             return ranks.launch(args.argv, args.tp, err)
         shard = ranks.join(args.tp, resolve_device(args.device), args.timeout)
         try:
@@ -224,6 +229,16 @@ def _check_tensor_parallel(args) -> None:
                          ("--impl packed", args.impl != PLAIN.name)):
         if wanted:
             raise UserError(f"--tp runs the plain stages split over ranks; it does not combine with {flag}")
+    if args.model in PRESETS:
+        raise UserError(f"--tp runs a model's weights; the preset {args.model} has none (it shows shapes only)")
+
+
+def _check_rank_head(args, local_heads: int) -> None:
+    """--head of a tensor-parallel run names one of the shown rank's own heads."""
+    if args.head >= local_heads:
+        first = args.rank * local_heads
+        raise UserError(f"--head {args.head}: rank {args.rank} holds {local_heads} query heads, numbered "
+                        f"0-{local_heads - 1} (the model's heads {first}-{first + local_heads - 1})")
 
 
 def _run(args, out: Console, err: Console, capture: Capture, shard: Shard | None) -> int:
@@ -233,6 +248,7 @@ def _run(args, out: Console, err: Console, capture: Capture, shard: Shard | None
     _check_capture_layers(capture, model.config)
     if shard is not None:
         check_divisible(model.config, shard.world)
+        _check_rank_head(args, model.config.n_heads // shard.world)
         model = Model(model.name, model.config, shard_weights(model.weights, shard), model.tokenizer, model.source)
     if model.tokenizer is None and args.tokens is None:
         raise UserError(f"{model.name} comes without a tokenizer: say how long the prompt is with --tokens N")
@@ -287,6 +303,9 @@ def cmd_show(args, out: Console, err: Console) -> int:
     _check_outputs(args)
     trace = load_trace(args.file)
     _check_view(args, trace.config, trace.n_steps)
+    trace.of_rank(args.rank)  # the rank exists
+    if trace.ranks > 1:
+        _check_rank_head(args, trace.config.n_heads // trace.ranks)
     if not args.json:
         out.print(trace.answer, end="", markup=False, highlight=False)
     _show(trace, args, out, err)
@@ -297,6 +316,8 @@ def cmd_diff(args, out: Console, err: Console) -> int:
     a, b = load_trace(args.a), load_trace(args.b)
     for trace in (a, b):
         _check_view(args, trace.config, trace.n_steps)
+    # A tensor-parallel trace is compared as one rank saw it: its slices, partial sums and collectives' results.
+    a, b = (t.of_rank(args.rank) if t.ranks > 1 else t for t in (a, b))
     out.print(diff_table(a, b, args.step, args.layer, args.stage, names=(args.a.name, args.b.name)))
     return 0
 

@@ -21,7 +21,8 @@ def _largest_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     (both masked) is no difference."""
     worst = 0.0
     for row_a, row_b in zip(a if a.dim() > 1 else a[None], b if b.dim() > 1 else b[None], strict=True):
-        delta = (row_a.double() - row_b.double()).abs()
+        delta = (row_a.to(torch.complex128 if row_a.is_complex() else torch.float64) -
+                 row_b.to(torch.complex128 if row_b.is_complex() else torch.float64)).abs()
         delta = delta[~delta.isnan()]
         worst = max(worst, delta.max().item() if delta.numel() else 0.0)
     return worst
@@ -35,7 +36,7 @@ def _difference(a: Trace, b: Trace, ra: TensorRecord, rb: TensorRecord) -> Text:
     reordered = layout_a != layout_b and a.stage(ra.stage).spec(ra.name).rope_ordered
     if reordered:  # the same numbers in the other RoPE layout's order: compare like with like
         vb = reorder(vb, b.config.head_dim, to=layout_a)
-    if va.shape != vb.shape:
+    if va.shape != vb.shape or ra.shape != rb.shape:  # (weights keep a corner: the same corner of other shapes)
         return Text("shapes differ", style="yellow")
     worst = _largest_difference(va, vb)
     return Text(number(worst, 3) + (" ↺" if reordered else ""), style="green" if worst == 0 else "")
@@ -46,7 +47,8 @@ def diff_table(a: Trace, b: Trace, step: int, layer: int, stage: int | None, nam
     tensors that only one of the two implementations has, said as such."""
     header = Text()
     for label, trace in zip(names, (a, b), strict=True):
-        header.append(f"{label}: {trace.model_name} · {trace.device} {trace.dtype} · --impl {trace.pipeline} · "
+        how = f"--impl {trace.pipeline}" if trace.ranks == 1 else f"--tp {trace.ranks}, rank {trace.rank}"
+        header.append(f"{label}: {trace.model_name} · {trace.device} {trace.dtype} · {how} · "
                       f"prompt {trace.prompt!r} ({len(trace.prompt_ids)} tokens) → {trace.answer!r}\n")
     same_tokens = a.prompt_ids + a.new_ids == b.prompt_ids + b.new_ids
     header.append("same tokens" if same_tokens else "the tokens differ", style="green" if same_tokens else "yellow")

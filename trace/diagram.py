@@ -33,7 +33,7 @@ FRAME_LABEL_ON_TOP = {"labelloc": "t", "labeljust": "l"}
 COLLECTIVES = (ALL_REDUCE, ALL_GATHER)
 COLLECTIVE_FILL = "#e65100"
 COLLECTIVE_EDGE = {"color": COLLECTIVE_FILL, "penwidth": "1.6"}
-LANE_FILL = ("#eef3f8", "#f6f1ea")  # the ranks' lanes, alternating
+LANE_FILL = "#eef3f8"  # the ranks' lanes
 SHARED = ""  # the node-id prefix of what is drawn once for every rank
 MODULES = {range(8, 15): "Multi-Head Self-Attention Module", range(17, 18): "Feed-Forward Module"}
 
@@ -234,8 +234,10 @@ def stage_diagram(number: int, ctx: Context) -> graphviz.Digraph:
                     return
                 for rank, lane in enumerate(lanes):
                     with here.subgraph(name=f"cluster_{lane}") as box:
-                        box.attr(label=f"rank {rank}", style="filled", fillcolor=LANE_FILL[rank % 2],
-                                 color="#90a4ae", fontsize="13", **FRAME_LABEL_ON_TOP)
+                        shown = rank == ctx.rank  # the rank the tables show (--rank) is framed
+                        box.attr(label=f"rank {rank}" + (" (shown in the tables)" if shown else ""), style="filled",
+                                 fillcolor=LANE_FILL, color="#c62828" if shown else "#90a4ae",
+                                 penwidth="2" if shown else "1", fontsize="13", **FRAME_LABEL_ON_TOP)
                         _draw_stage_body(box, stage, replace(ctx, rank=rank), present, lane, shared)
                 if shared:  # the same on every rank: drawn once
                     _draw_stage_body(here, stage, ctx, present, SHARED, shared)
@@ -350,7 +352,7 @@ def drawing(number: int | None, trace: Trace | None, step: int = 0, layer: int =
         where = trace.describe(step, layer) + ("" if trace.pipeline == PLAIN.name else f" · --impl {trace.pipeline}")
         if trace.ranks > 1:
             where = trace.describe(step, layer) + f" · tensor parallel over {trace.ranks} ranks" + \
-                ("" if number is not None else " (rank 0's shapes)")
+                ("" if number is not None else f" (rank {trace.rank or 0}'s shapes)")
         ctx = Context(trace.model_name, layer, trace.select(step, layer), where, here, PIPELINES[trace.pipeline],
                       trace.ranks, trace.rank or 0)
     return model_diagram(ctx) if number is None else stage_diagram(number, ctx)

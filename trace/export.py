@@ -2,6 +2,7 @@
 from dataclasses import asdict
 
 from stages.pipelines import PLAIN, Pipeline
+from stages.tensor_parallel import SPLIT_DIM
 
 from .recorder import TensorRecord
 from .run import Trace
@@ -17,6 +18,21 @@ def _tensor(r: TensorRecord, with_values: bool) -> dict:
     return out
 
 
+def _tensor_parallel(trace: Trace) -> dict | None:
+    """Of one rank's view: the ranks, the rank, its heads, and the slice of each split weight it holds."""
+    if trace.ranks == 1:
+        return None
+    c, n, r = trace.config, trace.ranks, trace.rank
+    whole = {"tok_embeddings": c.vocab_size, "output": c.vocab_size, "wq": c.n_heads * c.head_dim,
+             "wk": c.n_kv_heads * c.head_dim, "wv": c.n_kv_heads * c.head_dim, "wo": c.n_heads * c.head_dim,
+             "w1": c.ffn_dim, "w3": c.ffn_dim, "w2": c.ffn_dim}
+    return {"ranks": n, "rank": r,
+            "query_heads": [r * c.n_heads // n, (r + 1) * c.n_heads // n - 1],
+            "kv_heads": [r * c.n_kv_heads // n, (r + 1) * c.n_kv_heads // n - 1],
+            "weights": {name: {"dim": SPLIT_DIM[name], "from": r * size // n, "to": (r + 1) * size // n - 1}
+                        for name, size in whole.items()}}
+
+
 def trace_to_json(trace: Trace, step: int, layer: int, stage: int | None) -> dict:
     P, T = trace.positions(step)
     chosen = [trace.stage(stage)] if stage else trace.stages
@@ -29,7 +45,7 @@ def trace_to_json(trace: Trace, step: int, layer: int, stage: int | None) -> dic
         "generated_ids": trace.new_ids,
         "text": trace.text, "steps": trace.n_steps, "seconds": round(trace.seconds, 3),
         "step": step, "layer": layer, "P": P, "T": T,
-        "tensor_parallel": {"ranks": trace.ranks, "rank": trace.rank} if trace.ranks > 1 else None,
+        "tensor_parallel": _tensor_parallel(trace),
         "stages": [{"number": s.number, "title": s.title, "short": s.short, "scope": s.scope,
                     "explanation": s.explanation,
                     "tensors": [_tensor(r, with_values=stage is not None)

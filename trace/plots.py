@@ -194,7 +194,7 @@ class Figures:
             return fig
         fig = self.figure(18, 11, f"Stage 13: attention scores before and after softmax (head {self.head} large, "
                                   f"then every head); grey = masked (-inf)")
-        n = self.config.n_heads
+        n = scores.shape[0]  # H, or the H/N heads of one rank of a tensor-parallel run
         cols = math.ceil(math.sqrt(n))
         rows = math.ceil(n / cols)
         grid = fig.add_gridspec(rows, 2 + cols)

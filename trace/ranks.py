@@ -43,15 +43,22 @@ def rank_environment() -> tuple[int, int] | None:
     return rank, world
 
 
+def speaks() -> bool:
+    """Whether this process says its errors: under torchrun every rank would say the same, so rank 0
+    speaks for all (the ranks we start write theirs for the launcher, which says the one that counts)."""
+    return os.environ.get("RANK", "0") == "0" or LAUNCHED_BY_US in os.environ
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _last_line(path: Path) -> str:
+def _last_line(path: Path) -> str | None:
+    """The one-line error a rank wrote ("error: ..."), if it ended with one."""
     lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    return lines[-1].removeprefix("error: ") if lines else ""
+    return lines[-1].removeprefix("error: ") if lines and lines[-1].startswith("error: ") else None
 
 
 def _signal_name(code: int) -> str:
@@ -76,17 +83,42 @@ def _stop(processes: list[subprocess.Popen]) -> None:
             p.wait()
 
 
-def _failure(processes: list[subprocess.Popen], logs: list[Path]) -> str:
-    """One line about the rank that failed first: a rank killed by a signal is the cause, the others'
-    lost connections its consequence."""
+def _stopped(p: subprocess.Popen) -> bool:
+    """Whether a running rank is stopped (SIGSTOP, a debugger): it can answer no one."""
+    try:
+        return Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "Tt"
+    except (OSError, IndexError):
+        return False
+
+
+def _failure(processes: list[subprocess.Popen], logs: list[Path]) -> tuple[str | None, int]:
+    """What to say, and the exit status, when a rank ended badly: about the cause, not its consequences
+    (a killed or stopped rank, before the ranks that lost it). Rank 0's own error is said as a single
+    process would say it; a rank 0 that ended quietly (a closed pipe, Ctrl-C) ends the run as quietly."""
     world = len(processes)
     failed = [(rank, p.returncode) for rank, p in enumerate(processes) if p.returncode not in (None, 0)]
     killed = [(rank, code) for rank, code in failed if code < 0]
-    rank, code = (killed or failed)[0]
-    if code < 0:
-        return f"rank {rank} of {world} was killed ({_signal_name(code)}); the other ranks were stopped"
-    reason = _last_line(logs[rank]) or f"it exited with status {code}"
-    return f"rank {rank} of {world} failed: {reason}; the other ranks were stopped"
+    stopped = [rank for rank, p in enumerate(processes) if p.returncode is None and _stopped(p)]
+    if killed:
+        rank, code = killed[0]
+        return f"rank {rank} of {world} was killed ({_signal_name(code)}); the other ranks were stopped", 1
+    if stopped:
+        return (f"rank {stopped[0]} of {world} stopped answering (it is stopped, as by SIGSTOP): the others gave up "
+                f"waiting; every rank was stopped"), 1
+    rank, code = failed[0]
+    said = _last_line(logs[rank])
+    if said is None:
+        return (None, code) if rank == 0 else (f"rank {rank} of {world} ended with status {code}", 1)
+    return said, code
+
+
+def _end_with_parent() -> None:
+    """In a rank, before it runs: be terminated when the launcher dies, even by SIGKILL (Linux)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def launch(argv: list[str], world: int, err) -> int:
@@ -98,25 +130,32 @@ def launch(argv: list[str], world: int, err) -> int:
     with tempfile.TemporaryDirectory(prefix="llama-trace-ranks-") as folder:
         logs = [Path(folder) / f"rank{rank}.err" for rank in range(world)]
         processes: list[subprocess.Popen] = []
-        failure = None
+        failure: tuple[str | None, int] | None = None
         try:
             for rank in range(world):
                 env = {**env_base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
                 with open(logs[rank], "wb") as log:
                     processes.append(subprocess.Popen(
                         [sys.executable, "-m", "llama_trace", *argv], env=env, stderr=log,
-                        stdout=None if rank == 0 else subprocess.DEVNULL, stdin=subprocess.DEVNULL))
-            while any(p.poll() is None for p in processes):
+                        stdout=None if rank == 0 else subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                        preexec_fn=_end_with_parent))
+            while None in [p.poll() for p in processes]:  # a list: every rank is asked, every time
                 if any(p.returncode not in (None, 0) for p in processes):
                     failure = _failure(processes, logs)  # before the others are stopped
                     break
                 time.sleep(POLL_SECONDS)
         finally:
             _stop(processes)
-        if failure is not None or any(p.returncode != 0 for p in processes):
-            raise UserError(failure or _failure(processes, logs))
-        sys.stderr.write(logs[0].read_text(errors="replace"))
-        return 0
+        if failure is None and any(p.returncode != 0 for p in processes):
+            failure = _failure(processes, logs)
+        if failure is None:
+            sys.stderr.write(logs[0].read_text(errors="replace"))
+            return 0
+        message, status = failure
+        if message is None:
+            return status
+        sys.stderr.write(f"error: {message}\n")
+        return status
 
 
 def join(world: int, device: torch.device, timeout: float) -> Shard:
@@ -139,10 +178,9 @@ def join(world: int, device: torch.device, timeout: float) -> Shard:
 
 
 def lost(rank: int, what: str, error: Exception) -> UserError:
-    """The one line of a rank that lost the others (torch.distributed's message, without its source file).
-    The launcher says which rank it was; under torchrun, the line says it."""
+    """The one line of a rank that lost the others (torch.distributed's message, without its source file)."""
     reason = re.sub(r"^\[[^\]]*\] ", "", (str(error).strip().splitlines() or [type(error).__name__])[0])
-    return UserError(f"{'' if os.environ.get(LAUNCHED_BY_US) else f'rank {rank}: '}{what}: {reason}")
+    return UserError(f"rank {rank} of {os.environ.get('WORLD_SIZE', '?')} {what}: {reason}")
 
 
 def leave() -> None:

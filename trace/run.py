@@ -46,10 +46,22 @@ class Trace:
     def of_rank(self, rank: int) -> "Trace":
         """What rank `rank` of a tensor-parallel run computed: its own slices and partial sums, and the
         results of the collectives (equal on every rank). The tables and pictures show one rank at a time."""
+        if self.ranks == 1 and rank:
+            raise UserError(f"--rank {rank}: this trace is not tensor-parallel (it ran in one process)")
         if not 0 <= rank < self.ranks:
-            raise UserError(f"--rank {rank} does not exist: the run had {self.ranks} rank"
-                            f"{'s' if self.ranks > 1 else ''} (0-{self.ranks - 1})")
+            raise UserError(f"--rank {rank} does not exist: the run had {self.ranks} ranks (0-{self.ranks - 1})")
         return replace(self, records=[r for r in self.records if r.rank == rank], rank=rank)
+
+    def heads_line(self) -> str:
+        """Of one rank's view: the model's query and KV heads it holds, which it numbers from 0."""
+        c, n = self.config, self.ranks
+        q, kv = c.n_heads // n, c.n_kv_heads // n
+        first_q, first_kv = self.rank * q, self.rank * kv
+        def span(first: int, count: int) -> str:
+            return f"{first}" if count == 1 else f"{first}-{first + count - 1}"
+        kv_heads = "its KV head 0 is" if kv == 1 else f"its KV heads 0-{kv - 1} are"
+        return (f"its query heads 0-{q - 1} are the model's {span(first_q, q)}, {kv_heads} the model's "
+                f"{span(first_kv, kv)}")
 
     @property
     def stages(self) -> tuple[Stage, ...]:
@@ -78,7 +90,8 @@ class Trace:
         P, T = self.positions(step)
         kind = "prompt" if step == 0 else f"decode, feeds generated token {step}"
         last_layer = self.config.n_layers - 1
-        return f"step {step} of 0..{self.n_steps - 1} ({kind}: P={P}, T={T}) · layer {layer} of 0..{last_layer}"
+        rank = f" · rank {self.rank} of {self.ranks}" if self.rank is not None and self.ranks > 1 else ""
+        return f"step {step} of 0..{self.n_steps - 1} ({kind}: P={P}, T={T}) · layer {layer} of 0..{last_layer}{rank}"
 
     def record(self, stage: int, name: str, step: int = 0, layer: int = 0) -> TensorRecord:
         """One record: `name` of `stage` at `step` and `layer` (ignored where the stage runs once)."""

@@ -49,6 +49,9 @@ def packing_table(parts: list) -> Table:
     return table
 
 
+VOCABULARY_ROWS = ("tok_embeddings", "output")
+
+
 def split_table(trace: Trace, records: list[TensorRecord]) -> Table | None:
     """Of a tensor-parallel trace: which slice of each of these weights every rank holds."""
     weights = [r for r in records if r.role == "weight" and r.name in SPLIT_DIM]
@@ -63,10 +66,11 @@ def split_table(trace: Trace, records: list[TensorRecord]) -> Table | None:
         part = r.shape[dim]
         slices = [Text(f"{rank * part}-{(rank + 1) * part - 1}", style="bold" if rank == trace.rank else "dim")
                   for rank in range(trace.ranks)]
-        table.add_row(Text(r.name, style=ROLE_STYLE["weight"]), _shape(tuple(whole)),
-                      "rows (output)" if dim == 0 else "columns (input)", *slices)
+        held = "rows (tokens)" if r.name in VOCABULARY_ROWS else "rows (outputs)" if dim == 0 else "columns (inputs)"
+        table.add_row(Text(r.name, style=ROLE_STYLE["weight"]), _shape(tuple(whole)), held, *slices)
     table.caption = Text("column-parallel weights split their output rows, row-parallel ones their input columns "
-                         "(the product is then a partial sum, all-reduced)", style="dim")
+                         "(the product is then a partial sum, all-reduced); the embedding and the output head "
+                         "split the vocabulary", style="dim")
     table.caption_justify = "left"
     return table
 

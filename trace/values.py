@@ -10,8 +10,9 @@ HEAD_DIMS = ("H", "Hkv")  # dimensions fixed at one head when a tensor is shown 
 
 
 def dim_names(record: TensorRecord) -> list[str]:
-    """The symbolic name of each dimension, e.g. ["T", "H", "Dh"] for "(T, H, Dh)"."""
-    return [n.strip() for n in record.symbolic.strip("()").split(",") if n.strip()]
+    """The symbolic name of each dimension, e.g. ["T", "H", "Dh"] for "(T, H, Dh)", and for one rank's
+    "(T, H/N, Dh)" (a tensor-parallel run: the rank's own heads, numbered from 0)."""
+    return [n.strip().removesuffix("/N") for n in record.symbolic.strip("()").split(",") if n.strip()]
 
 
 def as_matrix(record: TensorRecord, head: int, n_rep: int) -> tuple[torch.Tensor, str, str, str]:
