@@ -75,7 +75,8 @@ _DTYPE_NAMES: dict[torch.dtype, str] = {}
 # they summarise. Four reductions and nothing else during the run: mean and standard deviation
 # are made from them when first shown (a dozen small operations per tensor, ~2,000 tensors per
 # step, would cost more than the reductions themselves).
-Sums = tuple[torch.Tensor, int]
+# Batched statistics are held as a plain list of the four numbers (one transfer for the whole batch).
+Sums = tuple[torch.Tensor | list[float], int]
 
 
 def _summed(t: torch.Tensor) -> torch.Tensor:
@@ -109,14 +110,14 @@ def _batched_sums(tensors: list[torch.Tensor]) -> list[Sums]:
         m = torch.stack([rows[i] for i in members])  # (k, n)
         lo, hi = torch.aminmax(m, dim=1)
         table = torch.stack([lo, hi, m.sum(dim=1), torch.linalg.vector_norm(m, dim=1)], dim=1)  # (k, 4)
-        for i, row in zip(members, table, strict=True):
+        for i, row in zip(members, table.tolist(), strict=True):  # rows as lists: no tensor per row
             sums[i] = (row, n)
     return sums
 
 
 def _finish(sums: Sums) -> torch.Tensor:
     """(4) float64: min, max, mean and standard deviation, from the sums."""
-    (lo, hi, total, norm), n = sums[0].tolist(), sums[1]
+    (lo, hi, total, norm), n = (sums[0] if isinstance(sums[0], list) else sums[0].tolist()), sums[1]
     mean = total / n
     variance = norm * norm / n - mean * mean  # nan where the values hold infinities (the mask)
     std = variance if variance != variance else math.sqrt(max(variance, 0.0))
@@ -165,8 +166,11 @@ class Rule:
     layers: Ranges | None = None
 
     def matches(self, stage: int, step: int | None, layer: int | None) -> bool:
-        return ((self.stages is None or stage in self.stages)
-                and (step is None or self.steps is None or step in self.steps)
+        return (self.stages is None or stage in self.stages) and self.matches_place(step, layer)
+
+    def matches_place(self, step: int | None, layer: int | None) -> bool:
+        """Whether the rule can keep anything at this step and layer (whatever the stage)."""
+        return ((step is None or self.steps is None or step in self.steps)
                 and (layer is None or self.layers is None or layer in self.layers))
 
     @classmethod
@@ -216,7 +220,8 @@ class Recorder:
         self._pending: dict[tuple, tuple[torch.Tensor, list[TensorRecord]]] = {}
         self._pending_numel = 0  # the elements waiting: they hold memory, so they are bounded
         self._converted: dict[tuple, torch.Tensor] = {}
-        self._keeps: dict[tuple, bool] = {}  # (stage, step, layer) -> whether values are kept there
+        self._rules_here: tuple[Rule, ...] = capture.rules  # the rules that can match this step and layer
+        self._keeps_here: dict[int, bool] = {}  # stage -> whether its values are kept at this step and layer
         self._specs: dict[tuple, TensorSpec] = {}
 
     @property
@@ -231,6 +236,9 @@ class Recorder:
             setattr(self, key, value)
         self._sums_here.clear()
         self._converted.clear()
+        # Which rules can keep values here is asked once per step and layer, not once per record.
+        self._rules_here = tuple(r for r in self.capture.rules if r.matches_place(self.step, self.layer))
+        self._keeps_here.clear()
 
     def _flush(self) -> None:
         """The statistics of the small tensors waiting, in one batched pass."""
@@ -312,10 +320,11 @@ class Recorder:
             record._sums = known[1]
         if tensor.requires_grad:  # (detach costs more than asking, on the ~2,000 records of a step)
             tensor = tensor.detach()
-        place = (stage, self.step, self.layer)
-        if place not in self._keeps:
-            self._keeps[place] = self.capture.keeps(*place)
-        if self._keeps[place]:
+        keeps = self._keeps_here.get(stage)
+        if keeps is None:
+            keeps = self._keeps_here[stage] = self.step is None or any(
+                rule.stages is None or stage in rule.stages for rule in self._rules_here)
+        if keeps:
             record._values = self._keep(tensor, copy, weight)
         # Values kept exactly give their statistics later, when asked for: the run stays fast.
         if not weight and (record._values is None or record._values.dtype != tensor.dtype):
