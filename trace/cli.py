@@ -113,7 +113,7 @@ def _add_view_options(command: argparse.ArgumentParser) -> None:
     show.add_argument("--plot", metavar="FILE", type=Path,
                       help="also save a matplotlib figure of the stage (needs --stage) to FILE (.png, .svg or .pdf)")
     show.add_argument("--head", type=_count(0), default=0, metavar="H",
-                      help="the query head that --plot and the terminal heatmap show (default 0)")
+                      help="the query head that --plot and the terminal heatmap show (default 0; with --tp, one of the shown rank's own heads, numbered from 0)")
     show.add_argument("--force", action="store_true", help="overwrite output files that exist already")
 
 
