@@ -214,7 +214,7 @@ def cmd_run(args, out: Console, err: Console) -> int:
             _check_view(args, config)
             _check_capture_layers(capture, config)
             check_divisible(config, args.tp)
-            _check_rank_head(args, config.n_heads // args.tp)
+            _check_rank_head(args, config, args.tp)
             return ranks.launch(args.argv, args.tp, err)
         shard = ranks.join(args.tp, resolve_device(args.device), args.timeout)
         try:
@@ -233,8 +233,9 @@ def _check_tensor_parallel(args) -> None:
         raise UserError(f"--tp runs a model's weights; the preset {args.model} has none (it shows shapes only)")
 
 
-def _check_rank_head(args, local_heads: int) -> None:
-    """--head of a tensor-parallel run names one of the shown rank's own heads."""
+def _check_rank_head(args, config, ranks: int) -> None:
+    """--head of a tensor-parallel run names one of the shown rank's own heads (H/N of them)."""
+    local_heads = config.n_heads // ranks
     if args.head >= local_heads:
         first = args.rank * local_heads
         raise UserError(f"--head {args.head}: rank {args.rank} holds {local_heads} query heads, numbered "
@@ -248,7 +249,7 @@ def _run(args, out: Console, err: Console, capture: Capture, shard: Shard | None
     _check_capture_layers(capture, model.config)
     if shard is not None:
         check_divisible(model.config, shard.world)
-        _check_rank_head(args, model.config.n_heads // shard.world)
+        _check_rank_head(args, model.config, shard.world)
         model = Model(model.name, model.config, shard_weights(model.weights, shard), model.tokenizer, model.source)
     if model.tokenizer is None and args.tokens is None:
         raise UserError(f"{model.name} comes without a tokenizer: say how long the prompt is with --tokens N")
@@ -305,7 +306,7 @@ def cmd_show(args, out: Console, err: Console) -> int:
     _check_view(args, trace.config, trace.n_steps)
     trace.of_rank(args.rank)  # the rank exists
     if trace.ranks > 1:
-        _check_rank_head(args, trace.config.n_heads // trace.ranks)
+        _check_rank_head(args, trace.config, trace.ranks)
     if not args.json:
         out.print(trace.answer, end="", markup=False, highlight=False)
     _show(trace, args, out, err)
