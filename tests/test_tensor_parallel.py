@@ -126,9 +126,10 @@ def _ranks_of(launcher: subprocess.Popen, world: int, seconds: float = 60) -> li
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
-        if len(children) == world:
-            rank = {pid: next(int(v[5:]) for v in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
-                              if v.startswith("RANK=")) for pid in children}
+        # A child just forked still has the launcher's environment: wait until each has its RANK.
+        rank = {pid: next((int(v[5:]) for v in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
+                           if v.startswith("RANK=")), None) for pid in children}
+        if len(children) == world and None not in rank.values():
             return sorted(map(int, children), key=lambda pid: rank[str(pid)])
         time.sleep(0.05)
     raise AssertionError("the ranks did not start")
