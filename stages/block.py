@@ -12,7 +12,7 @@ from .residual import add_attention_output, add_ffn_output
 from .weights import LayerWeights
 
 
-def transformer_block(x: torch.Tensor, layer: LayerWeights, cache: KVCache, freqs_cis: torch.Tensor,
+def transformer_block(x: torch.Tensor, layer: LayerWeights, cache: KVCache | None, freqs_cis: torch.Tensor,
                       start_pos: int, config: ModelConfig) -> torch.Tensor:
     """Stages 6 to 18 for one layer. x (T, D) -> out (T, D)."""
     attention_output = attention(attention_prenorm(x, layer.attention_norm, config.norm_eps), layer, cache,
@@ -22,7 +22,7 @@ def transformer_block(x: torch.Tensor, layer: LayerWeights, cache: KVCache, freq
     return add_ffn_output(h, ffn_output)
 
 
-def forward_through_blocks(x: torch.Tensor, layers: list[LayerWeights], caches: list[KVCache],
+def forward_through_blocks(x: torch.Tensor, layers: list[LayerWeights], caches: list[KVCache | None],
                            freqs_cis: torch.Tensor, start_pos: int, config: ModelConfig) -> torch.Tensor:
     """Stage 5. x (T, D) through the L blocks in turn -> (T, D)."""
     for i, (layer, cache) in enumerate(zip(layers, caches)):

@@ -39,6 +39,11 @@ def at(**where: int | None) -> None:
         _sink.at(**where)
 
 
+def active() -> bool:
+    """Whether a sink is listening: work done only to be shown (a copy to diff against) is skipped otherwise."""
+    return _sink is not None
+
+
 @contextmanager
 def recording(sink: Sink):
     global _sink

@@ -12,6 +12,7 @@ from . import forward, packed
 from .packed_stages import PACKED_STAGES
 from .registry import STAGES, Stage, TensorSpec, readers
 from .tensor_parallel_stages import TENSOR_PARALLEL_STAGES
+from .training_stages import TRAINING_STAGES
 
 N_STAGES = 19
 
@@ -22,7 +23,8 @@ class Pipeline:
     title: str
     rope_layout: str  # of its query and key tensors: "interleaved" or "rotate-half" (stages.rope.reorder)
     stages: tuple[Stage, ...]
-    forward_step: Callable  # (model, tokens, start_pos, caches, sampling, generator) -> (next id, logits)
+    # (model, tokens, start_pos, caches, sampling, generator) -> (next id, logits); None: no generation loop
+    forward_step: Callable | None
     # config -> the parts of each packed weight (stages.packed.PackedPart), for pipelines that pack weights
     packed_parts: Callable | None = None
 
@@ -41,5 +43,8 @@ PACKED = Pipeline("packed", "a serving engine's layers (vLLM, nano-vllm): packed
 TENSOR_PARALLEL = Pipeline("tensor-parallel", "Meta's model-parallel layers on torch.distributed",
                            "interleaved", TENSOR_PARALLEL_STAGES,
                            forward.forward_step)
-PIPELINES = {p.name: p for p in (PLAIN, PACKED, TENSOR_PARALLEL)}
+# The plain stages with a batch, the loss, the backward pass and AdamW: what `train` runs (stages.training).
+TRAINING = Pipeline("training", "a training step: batched stages, the loss, gradients and AdamW", "interleaved",
+                    TRAINING_STAGES, None)
+PIPELINES = {p.name: p for p in (PLAIN, PACKED, TENSOR_PARALLEL, TRAINING)}
 IMPLEMENTATIONS = (PLAIN.name, PACKED.name)  # what --impl chooses from; --tp N chooses the tensor-parallel one

@@ -11,8 +11,10 @@ from rich.console import Console
 from stages import DTYPES, PRESETS, UserError
 from stages.pipelines import IMPLEMENTATIONS, N_STAGES
 from stages.tensor_parallel import MAX_RANKS
+from stages.training import LAYER_WEIGHTS
 
 from . import commands, ranks
+
 from .commands import DEFAULT_PROMPT
 
 EXAMPLES = """examples:
@@ -29,6 +31,16 @@ EXAMPLES = """examples:
   python -m trace show hi.trace --stage 13                        look at it later, without the model
   python -m trace diagram --stage 13 -o scores.svg                stage 13 drawn with graphviz
   python -m trace stages                                          the list of stages
+  python -m trace train --steps 4 --stage 17                      4 traced steps of AdamW: gradients, updates
+"""
+
+TRAIN_EXAMPLES = """examples:
+  python -m trace train                                  4 steps on the text that ships with the project
+  python -m trace train notes.txt --batch 4 --seq 32     your text, batches of 4 rows of 32 tokens
+  python -m trace train --stage 13 --layer 3             the scores of layer 3 and their gradient
+  python -m trace train --plot learning.png              loss curve, gradient norms, wq's update
+  python -m trace train --stage 17 --plot ffn.png        the FFN's gate*up beside its gradient
+  python -m trace train --steps 8 --save steps.trace     keep it; then: show steps.trace --stage 19
 """
 
 
@@ -70,22 +82,25 @@ def _fraction(low: float, high: float):
     return parse
 
 
-def _add_model_options(command: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+def _add_model_options(command: argparse.ArgumentParser, inference: bool = True) -> argparse._ArgumentGroup:
+    """--model, --device and --dtype; for inference also --shapes-only and --impl."""
     model = command.add_argument_group("model")
     model.add_argument("--model", metavar="PATH",
                        help="a GGUF file, a Hugging Face model folder (config.json, *.safetensors, "
                             "tokenizer.json), a Meta folder (params.json, consolidated.*.pth, tokenizer.model), "
                             "or, with --shapes-only, a config.json / params.json alone or a preset: "
                             f"{', '.join(PRESETS)} (default: the embedded SmolLM2-135M-Instruct)")
-    model.add_argument("--shapes-only", action="store_true",
-                       help="read no weights: run the stages on torch's meta device, which computes every "
-                            "tensor's shape and dtype and no number (any model size; e.g. --model llama-3.1-8b)")
+    if inference:
+        model.add_argument("--shapes-only", action="store_true",
+                           help="read no weights: run the stages on torch's meta device, which computes every "
+                                "tensor's shape and dtype and no number (any model size; e.g. --model llama-3.1-8b)")
     model.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                        help="where to run (default auto: CUDA when there is a GPU)")
     model.add_argument("--dtype", choices=tuple(DTYPES),
                        help="the weights' and activations' dtype (default float32, bfloat16 for the presets; "
                             "softmax and logits are always float32)")
-    _add_impl_option(model)
+    if inference:
+        _add_impl_option(model)
     return model
 
 
@@ -97,24 +112,43 @@ def _add_impl_option(group) -> None:
                             "rotate-half RoPE")
 
 
-def _add_view_options(command: argparse.ArgumentParser) -> None:
+STEP_HELP = "0 = the prompt step; k = the decode step that feeds generated token k (default 0)"
+PLOT_HELP = "also save a matplotlib figure of the stage (needs --stage) to FILE (.png, .svg or .pdf)"
+
+
+def _add_view_options(command: argparse.ArgumentParser, step_help: str = STEP_HELP, plot_help: str = PLOT_HELP,
+                      ranks: bool = True) -> None:
     show = command.add_argument_group("what to show")
     show.add_argument("--stage", type=_stage_number, metavar="N", help="show stage N (1-19) in detail")
     show.add_argument("--layer", type=_count(0), default=0, metavar="L", help="transformer block to show (default 0)")
-    show.add_argument("--step", type=_count(0), default=0, metavar="S",
-                      help="0 = the prompt step; k = the decode step that feeds generated token k (default 0)")
-    show.add_argument("--rank", type=_count(0, MAX_RANKS - 1), default=0, metavar="R",
-                      help="of a tensor-parallel run (--tp N): the rank whose slices and partial sums to show "
-                           "(default 0)")
+    show.add_argument("--step", type=_count(0), default=0, metavar="S", help=step_help)
+    if ranks:
+        show.add_argument("--rank", type=_count(0, MAX_RANKS - 1), default=0, metavar="R",
+                          help="of a tensor-parallel run (--tp N): the rank whose slices and partial sums to show "
+                               "(default 0)")
     show.add_argument("--json", action="store_true", help="print the same information as JSON on stdout")
     show.add_argument("--diagram", metavar="FILE", type=Path,
                       help="also draw the stage (or, without --stage, the complete model) with this run's "
                            "shapes to FILE (.svg, .png, .pdf or .dot)")
-    show.add_argument("--plot", metavar="FILE", type=Path,
-                      help="also save a matplotlib figure of the stage (needs --stage) to FILE (.png, .svg or .pdf)")
+    show.add_argument("--plot", metavar="FILE", type=Path, help=plot_help)
     show.add_argument("--head", type=_count(0), default=0, metavar="H",
                       help="the query head that --plot and the terminal heatmap show (default 0; with --tp, one of the shown rank's own heads, numbered from 0)")
     show.add_argument("--force", action="store_true", help="overwrite output files that exist already")
+
+
+def _add_capture_options(command: argparse.ArgumentParser, budget_note: str = "") -> argparse._ArgumentGroup:
+    capture = command.add_argument_group("what the trace keeps")
+    capture.add_argument("--capture", default="selected", metavar="POLICY",
+                         help="which tensors keep their values (all keep statistics): 'selected' (the shown "
+                              "step and layer, the default), 'all', or rules like 'stages=13,17 layers=0-3 "
+                              "steps=0' (several separated by ';'), kept on top of the shown step and layer")
+    capture.add_argument("--max-trace-mb", type=_count(1), default=1024, metavar="MB",
+                         help=f"stop keeping values beyond this many MB, and say so (default 1024{budget_note})")
+    capture.add_argument("--store-dtype", choices=("float16", "bfloat16"),
+                         help="keep floating-point values in this smaller dtype (statistics stay exact)")
+    capture.add_argument("--save", type=Path, metavar="FILE",
+                         help="save the whole trace to FILE (safetensors with a JSON manifest)")
+    return capture
 
 
 def _command(subcommands, parser: argparse.ArgumentParser, name: str, summary: str, description: str,
@@ -138,20 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "show the shapes of all 19 stages, or one stage in detail.", epilog=EXAMPLES)
     run.add_argument("prompt", nargs="?", help="the text to start from (wrapped in the chat template unless --raw)")
     _add_view_options(run)
-    capture = run.add_argument_group("what the trace keeps")
-    capture.add_argument("--capture", default="selected", metavar="POLICY",
-                         help="which tensors keep their values (all keep statistics): 'selected' (the shown "
-                              "step and layer, the default), 'all', or rules like 'stages=13,17 layers=0-3 "
-                              "steps=0' (several separated by ';'), kept on top of the shown step and layer")
-    capture.add_argument("--max-trace-mb", type=_count(1), default=1024, metavar="MB",
-                         help="stop keeping values beyond this many MB, and say so (default 1024; with --tp, "
-                              "on each rank)")
-    capture.add_argument("--store-dtype", choices=("float16", "bfloat16"),
-                         help="keep floating-point values in this smaller dtype (statistics stay exact)")
+    capture = _add_capture_options(run, "; with --tp, on each rank")
     capture.add_argument("--estimate", action="store_true",
                          help="only say how much memory the capture policy will take, then stop")
-    capture.add_argument("--save", type=Path, metavar="FILE",
-                         help="save the whole trace to FILE (safetensors with a JSON manifest)")
     model = _add_model_options(run)
     model.add_argument("--tokens", type=_count(1, 1 << 20), metavar="N",
                         help="with --shapes-only: N placeholder tokens stand in for the prompt (where the "
@@ -208,6 +231,36 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--step", type=_count(0), default=0, metavar="S", help="the step to compare (default 0)")
     diff.add_argument("--rank", type=_count(0, MAX_RANKS - 1), default=0, metavar="R",
                       help="of a tensor-parallel trace (run --tp N): the rank to compare (default 0)")
+
+    train = _command(subcommands, parser, "train", "trace training steps: the loss, gradients and AdamW",
+                     "Train the model for a few steps on a text and record every stage of each\n"
+                     "step: the batch cut from the text, the forward pass with its batch dimension\n"
+                     "(no KV cache), the loss, the gradient of every tensor and weight, and AdamW's\n"
+                     "update of every weight. The weights change in memory only, never on disk.",
+                     epilog=TRAIN_EXAMPLES)
+    train.add_argument("text", nargs="?", type=Path, metavar="TEXT_FILE",
+                       help="a UTF-8 text to learn from (default: a short text that ships with the project)")
+    _add_view_options(train, step_help="the training step to show (default 0)", plot_help="also save a figure to FILE (.png, .svg or .pdf): the loss over the "
+                                       "steps, the gradient norms by layer and stage, and --weight's update; "
+                                       "with --stage, the stage's tensor beside its gradient", ranks=False)
+    train.add_argument("--weight", choices=[name for _, name in LAYER_WEIGHTS], default="wq",
+                       help="the weight whose update --plot shows, of --layer (default wq)")
+    learning = train.add_argument_group("training")
+    learning.add_argument("--batch", type=_count(1, 1024), default=2, metavar="B", help="sequences per step (default 2)")
+    learning.add_argument("--seq", type=_count(1, 1 << 16), default=64, metavar="T",
+                          help="tokens per sequence (default 64)")
+    learning.add_argument("--steps", type=_count(1, 10000), default=4, metavar="N", help="training steps (default 4)")
+    learning.add_argument("--lr", type=_fraction(1e-12, 10.0), default=1e-4, metavar="LR",
+                          help="AdamW's learning rate (default 1e-4)")
+    learning.add_argument("--weight-decay", type=_fraction(0.0, 10.0), default=0.01, metavar="WD",
+                          help="AdamW's weight decay (default 0.01)")
+    learning.add_argument("--clip", type=_fraction(0.0, 1e6), default=1.0, metavar="NORM",
+                          help="clip the gradients' total norm to NORM; 0: no clipping (default 1.0)")
+    learning.add_argument("--same-batch", action="store_true",
+                          help="train every step on the first batch: the loss falls as the model learns it by heart")
+    _add_capture_options(train)
+    _add_model_options(train, inference=False)
+    train.set_defaults(shapes_only=False, impl="plain", rank=0)
 
     stages_cmd = _command(subcommands, parser, "stages", "list the 19 stages",
                           "The 19 stages of the diagrams, and the letters their shapes use.")

@@ -12,6 +12,7 @@ from stages.presets import DTYPE as PRESET_DTYPE
 from stages.model import Model, resolve_device
 from stages.pipelines import N_STAGES, TENSOR_PARALLEL
 from stages.tensor_parallel import Shard, check_divisible, shard_weights
+from stages.training import TrainingSetup
 
 from . import ranks
 from .budget import estimate_bytes, memory_needs
@@ -23,6 +24,7 @@ from .recorder import Capture, Rule
 from .run import Trace, traced_run
 from .tables import model_line, packing_table, shapes_table, stage_detail, stages_table
 from .tracefile import load_trace, save_trace
+from .training_run import read_training_text, traced_training
 
 DEFAULT_PROMPT = "What is the capital of France?"
 
@@ -70,14 +72,15 @@ def _check_view(args, config, n_steps: int | None = None) -> None:
                         f"(0-{n_steps - 1})")
 
 
-def _capture(args) -> Capture:
+def _capture(args, steps: int, steps_flag: str) -> Capture:
     """The capture policy the arguments ask for: the shown step and layer, what --plot needs, and
-    --capture's rules; within --max-trace-mb, in --store-dtype."""
+    --capture's rules; within --max-trace-mb, in --store-dtype. A run has `steps` steps (`steps_flag` says so)."""
     kw = {"max_bytes": args.max_trace_mb * 2**20,
           "store_dtype": getattr(torch, args.store_dtype) if args.store_dtype else None}
     if args.capture == "all":
         return Capture.everything(**kw)
-    extra = plots().rules_for_plot(args.stage, args.step, args.layer) if args.plot else ()
+    inference = args.command != "train"  # (a training figure shows the shown step and layer only)
+    extra = plots().rules_for_plot(args.stage, args.step, args.layer) if args.plot and inference else ()
     if args.capture != "selected":
         try:
             rules = tuple(Rule.parse(text) for text in args.capture.split(";") if text.strip())
@@ -86,9 +89,9 @@ def _capture(args) -> Capture:
         for rule in rules:
             if rule.stages is not None and not 1 <= min(lo for lo, _ in rule.stages.spans) <= rule.stages.largest <= N_STAGES:
                 raise UserError(f"--capture: stages are numbered 1-{N_STAGES}")
-            if rule.steps is not None and rule.steps.largest >= args.max_new_tokens:
-                raise UserError(f"--capture: step {rule.steps.largest} does not exist: with --max-new-tokens "
-                                f"{args.max_new_tokens} the steps are 0-{args.max_new_tokens - 1}")
+            if rule.steps is not None and rule.steps.largest >= steps:
+                raise UserError(f"--capture: step {rule.steps.largest} does not exist: with {steps_flag} "
+                                f"{steps} the steps are 0-{steps - 1}")
         extra += rules
     return Capture.selected(args.step, args.layer, *extra, **kw)
 
@@ -100,6 +103,16 @@ def _check_capture_layers(capture: Capture, config) -> None:
                             f"0-{config.n_layers - 1}")
 
 
+def _figure(trace: Trace, args):
+    """--plot's figure: of a training trace, the learning (or with --stage, a tensor beside its gradient)."""
+    if trace.training is None:
+        return plots().stage_figure(trace, args.stage, args.step, args.layer, args.head)
+    from . import training_plots  # matplotlib: imported when a figure is asked for
+    if args.stage:
+        return training_plots.training_stage_figure(trace, args.stage, args.step, args.layer, args.head)
+    return training_plots.training_figure(trace, args.step, args.layer, getattr(args, "weight", "wq"))
+
+
 def _pictures(trace: Trace, shown: Trace, args, err: Console) -> None:
     """--diagram (every rank of `trace`, side by side) and --plot (the rank `shown`)."""
     if args.diagram:
@@ -107,7 +120,7 @@ def _pictures(trace: Trace, shown: Trace, args, err: Console) -> None:
         write_output(args.diagram, render(graph, _output_format(args.diagram, args.force)), args.force)
         _say(err, f"drew {args.diagram}")
     if args.plot:
-        figure = plots().stage_figure(shown, args.stage, args.step, args.layer, args.head)
+        figure = _figure(shown, args)
         kind = _output_format(args.plot, args.force, plots().PLOT_FORMATS)
         write_output(args.plot, plots().figure_bytes(figure, kind), args.force)
         _say(err, f"plotted {args.plot}")
@@ -132,6 +145,12 @@ def _show(trace: Trace, args, out: Console, err: Console, needs: dict[str, int] 
     if needs is not None:
         _say(out, f"{len(trace.prompt_ids)}-token prompt", style="none")
         _say(out, _needs_line(trace, needs, args.max_new_tokens), style="none")
+    elif trace.training is not None:
+        setup, steps = trace.training.setup, trace.training.steps
+        _say(out, f"{len(steps)} training steps of B={setup.batch} × T={setup.seq} tokens from a "
+                  f"{len(trace.prompt_ids)}-token text in {trace.seconds:.2f} s · AdamW lr {setup.lr:g}, weight decay "
+                  f"{setup.weight_decay:g}, " + (f"gradients clipped to norm {setup.clip:g}" if setup.clip else "no clipping"))
+        _say(out, "loss by step: " + " → ".join(f"{s.loss:.4f}" for s in steps), style="bold")
     else:
         _say(out, f"{len(trace.new_ids)} new tokens from a {len(trace.prompt_ids)}-token prompt in "
                   f"{trace.seconds:.2f} s")
@@ -140,7 +159,7 @@ def _show(trace: Trace, args, out: Console, err: Console, needs: dict[str, int] 
         backend = "nccl" if trace.device == "cuda" else "gloo"
         _say(out, f"tensor parallel: rank {trace.rank} of {trace.ranks} (--rank R) · torch.distributed, {backend}")
         _say(out, trace.heads_line())
-    elif trace.pipeline != PLAIN.name:
+    elif trace.pipeline != PLAIN.name and trace.training is None:
         _say(out, f"implementation: {PIPELINES[trace.pipeline].title} (--impl {trace.pipeline})")
     if trace.source:
         _say(out, f"weights: {trace.source}")
@@ -149,9 +168,10 @@ def _show(trace: Trace, args, out: Console, err: Console, needs: dict[str, int] 
               else shapes_table(trace, args.step, args.layer))
 
 
-def _check_outputs(args) -> None:
-    """Every output file is checked before the model runs: no work is lost to a bad name."""
-    if args.plot and not args.stage:
+def _check_outputs(args, training: bool = False) -> None:
+    """Every output file is checked before the model runs: no work is lost to a bad name. A training
+    trace's --plot has a figure without --stage."""
+    if args.plot and not args.stage and not training:
         raise UserError("--plot needs --stage N: say which stage to plot")
     if args.diagram:
         _output_format(args.diagram, args.force)
@@ -198,7 +218,7 @@ def cmd_run(args, out: Console, err: Console) -> int:
         raise UserError(f"--step {args.step} does not exist: with --max-new-tokens {args.max_new_tokens} "
                         f"there are at most {args.max_new_tokens} steps (0-{args.max_new_tokens - 1})")
     _check_outputs(args)
-    capture = _capture(args)
+    capture = _capture(args, args.max_new_tokens, "--max-new-tokens")
     started_as = ranks.rank_environment()
     if started_as is not None and started_as[1] > 1 and args.tp == 1:
         raise UserError(f"this process is one of {started_as[1]} ranks (WORLD_SIZE={started_as[1]}): add --tp "
@@ -300,9 +320,33 @@ def _run(args, out: Console, err: Console, capture: Capture, shard: Shard | None
     return 0
 
 
+def cmd_train(args, out: Console, err: Console) -> int:
+    if args.step >= args.steps:
+        raise UserError(f"--step {args.step} does not exist: with --steps {args.steps} the steps are 0-{args.steps - 1}")
+    _check_outputs(args, training=True)
+    capture = _capture(args, args.steps, "--steps")
+    setup = TrainingSetup(batch=args.batch, seq=args.seq, steps=args.steps, lr=args.lr,
+                          weight_decay=args.weight_decay, clip=args.clip or None, same_batch=args.same_batch)
+    text = read_training_text(args.text)
+    model = _load(args, err)
+    _check_view(args, model.config)
+    _check_capture_layers(capture, model.config)
+    with Progress(TextColumn("Training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                  console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("", total=args.steps)
+        trace = traced_training(model, text, setup, capture,
+                                on_step=lambda step, result: bar.update(task, advance=1,
+                                                                        description=f"loss {result.loss:.4f}"))
+    if args.save:
+        save_trace(trace, args.save, args.force)
+        _say(err, f"saved the trace to {args.save}")
+    _show(trace, args, out, err)
+    return 0
+
+
 def cmd_show(args, out: Console, err: Console) -> int:
-    _check_outputs(args)
     trace = load_trace(args.file)
+    _check_outputs(args, training=trace.training is not None)
     _check_view(args, trace.config, trace.n_steps)
     trace.of_rank(args.rank)  # the rank exists
     if trace.ranks > 1:

@@ -15,6 +15,7 @@ from stages import UserError
 from stages.pipelines import N_STAGES, PIPELINES, PLAIN, Pipeline
 from stages.registry import Stage, TensorSpec
 from stages.tensor_parallel import ALL_GATHER, ALL_REDUCE
+from stages.training_stages import TRAINING_ROLES
 
 from .recorder import TensorRecord
 from .run import Trace
@@ -111,8 +112,10 @@ def _node_id(name: str) -> str:
 
 
 def _present(stage: Stage, ctx: Context) -> list[TensorSpec]:
-    """The stage's tensors that the drawing shows: all of them, or those the run recorded."""
-    return [t for t in stage.tensors if ctx.records is None or ctx.record(stage.number, t.name)]
+    """The stage's tensors that the drawing shows: all of them, or those the run recorded; the forward
+    pass only (a training step's gradients and updates are numbers beside the tensors, in the tables)."""
+    return [t for t in stage.tensors if t.role not in TRAINING_ROLES
+            and (ctx.records is None or ctx.record(stage.number, t.name))]
 
 
 def _keep_in_order(g: graphviz.Digraph, anchor: str, nodes: list[str], below: bool) -> None:
@@ -280,7 +283,8 @@ def _model_edges(g: graphviz.Digraph, pipeline: Pipeline) -> None:
             if number < stage.number:  # back to the top of the block loop: the stream into the next block
                 attrs.update(style="dashed", label="next block", constraint="false", **RESIDUAL)
             _up(g, f"s{stage.number}", f"s{number}", **attrs)
-    _up(g, "s19", "s3", label="next token", style="dashed", constraint="false")
+    if pipeline.forward_step is not None:  # (training has no generation loop)
+        _up(g, "s19", "s3", label="next token", style="dashed", constraint="false")
 
 
 def model_diagram(ctx: Context) -> graphviz.Digraph:

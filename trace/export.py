@@ -46,6 +46,7 @@ def trace_to_json(trace: Trace, step: int, layer: int, stage: int | None) -> dic
         "text": trace.text, "steps": trace.n_steps, "seconds": round(trace.seconds, 3),
         "step": step, "layer": layer, "P": P, "T": T,
         "tensor_parallel": _tensor_parallel(trace),
+        "training": asdict(trace.training) if trace.training else None,
         "stages": [{"number": s.number, "title": s.title, "short": s.short, "scope": s.scope,
                     "explanation": s.explanation,
                     "tensors": [_tensor(r, with_values=stage is not None)

@@ -22,6 +22,9 @@ RULE = {"stages": (RANGES, None), "steps": (RANGES, None), "layers": (RANGES, No
 PLACE = {"block": str, "offset": int, "shape": [int], "stride": [int]}
 RECORD = {"step": (int, None), "layer": (int, None), "stage": int, "name": str, "role": str, "symbolic": str,
           "dtype": str, "shape": [int], "stats": ([float], None), "values": (PLACE, None), "rank": int}
+TRAINING = {"setup": {"batch": int, "seq": int, "steps": int, "lr": float, "weight_decay": float, "clip": (float, None),
+                      "same_batch": bool},
+            "steps": [{"loss": float, "grad_norm": float, "offset": int}]}
 MANIFEST = {
     "format": str, "version": int, "created": str, "versions": Map(str, str),
     "model": {"name": str, "config": {"dim": int, "n_layers": int, "n_heads": int, "n_kv_heads": int,
@@ -32,7 +35,7 @@ MANIFEST = {
     "sampling": {"temperature": float, "top_k": int, "top_p": float, "seed": (int, None)},
     "prompt_ids": [int], "new_ids": [int], "text": str, "answer": str, "pieces": Map(str, str),
     "capture": {"rules": [RULE], "max_bytes": (int, None), "store_dtype": (str, None)},
-    "seconds": float, "notes": [str], "records": [RECORD], "ranks": int,
+    "seconds": float, "notes": [str], "records": [RECORD], "ranks": int, "training": (TRAINING, None),
 }
 INT_LIMIT = 2**62  # JSON integers beyond this are no honest count, offset or size
 MAX_SHOWN_NUMEL = 2**28  # a repeated view is made whole to be shown: at most 1 GiB of float32

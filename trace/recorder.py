@@ -16,13 +16,17 @@ import torch
 
 from stages.pipelines import PLAIN, Pipeline
 from stages.registry import TensorSpec
+from stages.training_stages import GRAD, UPDATE, WEIGHT_GRAD, grad_name
 
 STAT_NAMES = ("min", "max", "mean", "std")
 WEIGHT_CORNER = (8, 16)  # rows, columns of a weight kept for previews
+UPDATE_CORNER = (64, 64)  # of a weight's gradient and update: enough for a heatmap of how it changes
+CORNERED = frozenset({"weight", WEIGHT_GRAD, UPDATE})  # weight-sized records: they keep a corner
 BATCHED_NUMEL = 16384  # tensors up to this size wait for one batched statistics pass per step
 PENDING_NUMEL = 1 << 22  # or fewer, when this many elements wait (16 MiB of float32)
-# id(weight) -> (a weak reference to it, its statistics); the reference tells a live entry from a stale one.
-_WEIGHT_STATS: dict[int, tuple[weakref.ref, "Sums | None"]] = {}
+# id(weight) -> (a weak reference to it, its version, its statistics); the reference tells a live entry
+# from a stale one, the version a weight that training has changed since.
+_WEIGHT_STATS: dict[int, tuple[weakref.ref, int, "Sums | None"]] = {}
 
 
 @dataclass(slots=True)
@@ -49,6 +53,15 @@ class TensorRecord:
                 return None
             self._stats = _finish(sums)
         return dict(zip(STAT_NAMES, self._stats.tolist(), strict=True))
+
+    @property
+    def norm(self) -> float | None:
+        """The L2 norm of the values (a gradient's size), from the statistics: √(n·(std² + mean²))."""
+        stats = self.stats
+        if stats is None:
+            return None
+        n = math.prod(self.shape) * (2 if self.dtype.startswith("complex") else 1)  # summed as (re, im) pairs
+        return math.sqrt(n * (stats["std"] ** 2 + stats["mean"] ** 2))
 
     @property
     def values(self) -> torch.Tensor | None:
@@ -222,7 +235,10 @@ class Recorder:
         self._converted: dict[tuple, torch.Tensor] = {}
         self._rules_here: tuple[Rule, ...] = capture.rules  # the rules that can match this step and layer
         self._keeps_here: dict[int, bool] = {}  # stage -> whether its values are kept at this step and layer
-        self._specs: dict[tuple, TensorSpec] = {}
+        self._specs: dict[tuple, TensorSpec | None] = {}
+        # Of a training step: id(activation) -> (it, the records of its gradient with whether they keep
+        # values), until the backward pass hands autograd's gradient to the hook asked for it.
+        self._gradients: dict[int, tuple[torch.Tensor, list[tuple[TensorRecord, bool]]]] = {}
 
     @property
     def records(self) -> list[TensorRecord]:
@@ -232,6 +248,8 @@ class Recorder:
     def at(self, **where: int | None) -> None:
         if "step" in where or self._pending_numel > PENDING_NUMEL:  # one batched pass per step, if it is small
             self._flush()
+        if "step" in where:
+            self._gradients.clear()  # (a tensor whose gradient never came: it did not lead to the loss)
         for key, value in where.items():
             setattr(self, key, value)
         self._sums_here.clear()
@@ -272,10 +290,10 @@ class Recorder:
             record._sums = _sums(tensor)
             self._sums_here[key] = (tensor, record._sums)
 
-    def _keep(self, tensor: torch.Tensor, copy: bool, weight: bool) -> torch.Tensor | None:
-        if weight:
-            return (tensor[:WEIGHT_CORNER[0], :WEIGHT_CORNER[1]] if tensor.dim() == 2
-                    else tensor[:WEIGHT_CORNER[1]]).clone()
+    def _keep(self, tensor: torch.Tensor, copy: bool, role: str) -> torch.Tensor | None:
+        if role in CORNERED:
+            rows, cols = WEIGHT_CORNER if role == "weight" else UPDATE_CORNER
+            return (tensor[:rows, :cols] if tensor.dim() == 2 else tensor[:cols]).clone()
         kept = tensor.clone() if copy else tensor
         store = self.capture.store_dtype
         if store is not None and kept.is_floating_point() and kept.dtype != store:
@@ -300,32 +318,71 @@ class Recorder:
             self._converted[key] = whole.to(store)
         return self._converted[key].as_strided(tensor.shape, tensor.stride(), tensor.storage_offset())
 
-    def record(self, stage: int, name: str, tensor: torch.Tensor, copy: bool,
-               shape: tuple[int, ...] | None = None) -> None:
+    def _spec(self, stage: int, name: str, required: bool = True) -> TensorSpec | None:
         if (stage, name) not in self._specs:  # a name missing from the registry is a bug: fail loudly
-            self._specs[stage, name] = self.pipeline.stage(stage).spec(name)
-        spec = self._specs[stage, name]
-        record = TensorRecord(self.step, self.layer, stage, name, spec.role, spec.shape, dtype_name(tensor.dtype),
+            tensors = self.pipeline.stage(stage).tensors
+            self._specs[stage, name] = next((t for t in tensors if t.name == name), None)
+            if required and self._specs[stage, name] is None:
+                self.pipeline.stage(stage).spec(name)  # raises, naming what is missing
+        return self._specs[stage, name]
+
+    def _new_record(self, stage: int, spec: TensorSpec, tensor: torch.Tensor, shape) -> TensorRecord:
+        record = TensorRecord(self.step, self.layer, stage, spec.name, spec.role, spec.shape, dtype_name(tensor.dtype),
                               tuple(shape or tensor.shape), self.rank)
         self._records.append(record)
+        return record
+
+    def record(self, stage: int, name: str, tensor: torch.Tensor, copy: bool,
+               shape: tuple[int, ...] | None = None) -> None:
+        spec = self._spec(stage, name)
+        record = self._new_record(stage, spec, tensor, shape)
         if tensor.is_meta:  # shapes only: there are no numbers to summarise or keep
             return
-        weight = spec.role == "weight"
-        if weight:
-            # Weights do not change: their statistics are computed once per weight (the model's own
-            # tensor object, not a detached copy of it), for every run.
+        cornered = spec.role in CORNERED
+        if spec.role == "weight":
+            # Weights change only in training: their statistics are computed once per weight (the model's
+            # own tensor object, not a detached copy of it) and version, for every run.
+            version = 0 if tensor.is_inference() else tensor._version  # (made under inference_mode: it has none)
             known = _WEIGHT_STATS.get(id(tensor))
-            if known is None or known[0]() is not tensor:
-                known = _WEIGHT_STATS[id(tensor)] = (weakref.ref(tensor), _sums(tensor.detach()))
-            record._sums = known[1]
-        if tensor.requires_grad:  # (detach costs more than asking, on the ~2,000 records of a step)
-            tensor = tensor.detach()
+            if known is None or known[0]() is not tensor or known[1] != version:
+                known = _WEIGHT_STATS[id(tensor)] = (weakref.ref(tensor), version, _sums(tensor.detach()))
+            record._sums = known[2]
+        elif cornered:  # a weight's gradient or update: new every training step
+            record._sums = _sums(tensor)
         keeps = self._keeps_here.get(stage)
         if keeps is None:
             keeps = self._keeps_here[stage] = self.step is None or any(
                 rule.stages is None or stage in rule.stages for rule in self._rules_here)
+        if tensor.requires_grad:  # (detach costs more than asking, on the ~2,000 records of a step)
+            if tensor.grad_fn is not None:  # an activation of a training step
+                self._ask_for_gradient(stage, name, tensor, shape, keeps)
+            tensor = tensor.detach()
         if keeps:
-            record._values = self._keep(tensor, copy, weight)
+            record._values = self._keep(tensor, copy, spec.role)
         # Values kept exactly give their statistics later, when asked for: the run stays fast.
-        if not weight and (record._values is None or record._values.dtype != tensor.dtype):
+        if not cornered and (record._values is None or record._values.dtype != tensor.dtype):
             self._statistics(tensor, record, now=copy)  # memory written in place later: summarised now
+
+    def _ask_for_gradient(self, stage: int, name: str, tensor: torch.Tensor, shape, keeps: bool) -> None:
+        """A record of ∂loss/∂tensor, right after the tensor's, filled when the backward pass reaches it.
+        A tensor shown at several stages gets one hook, which fills all its gradient records."""
+        spec = self._spec(stage, grad_name(name), required=False)
+        if spec is None or spec.role != GRAD:
+            return
+        record = self._new_record(stage, spec, tensor, shape)
+        waiting = self._gradients.get(id(tensor))
+        if waiting is None:
+            self._gradients[id(tensor)] = (tensor, [(record, keeps)])
+            tensor.register_hook(lambda grad, key=id(tensor): self._gradient_arrived(key, grad))
+        else:
+            waiting[1].append((record, keeps))
+
+    def _gradient_arrived(self, key: int, grad: torch.Tensor) -> None:
+        _, records = self._gradients.pop(key)
+        sums, kept = _sums(grad), None
+        for record, keeps in records:
+            record._sums = sums
+            if keeps:  # (autograd may add into this tensor later: a copy is kept)
+                # (a repeated view's gradient is whole: put in the shape the diagram shows)
+                kept = kept if kept is not None else self._keep(grad.reshape(record.shape), True, GRAD)
+                record._values = kept

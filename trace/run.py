@@ -13,10 +13,18 @@ from stages.pipelines import PIPELINES, PLAIN, Pipeline
 from stages.registry import Stage
 from stages.tensor_parallel import current as current_shard
 from stages.tensor_ids import NEXT_TOKEN_PROBS
+from stages.training import StepResult, TrainingSetup
 
 from .recorder import Capture, Recorder, TensorRecord, dtype_name
 
 TOP_PIECES = 20  # for each step, the text of this many most likely next tokens is kept too
+
+
+@dataclass(frozen=True)
+class TrainingLog:
+    """Of a traced training run: how it was set up, and each step's loss, gradient norm and batch."""
+    setup: TrainingSetup
+    steps: list[StepResult]
 
 
 @dataclass
@@ -42,6 +50,7 @@ class Trace:
     pipeline: str = PLAIN.name  # the implementation that ran (stages.pipelines)
     ranks: int = 1  # the processes of a tensor-parallel run (--tp), each with its own records
     rank: int | None = None  # the one rank whose records this trace holds (see of_rank); None: every rank's
+    training: TrainingLog | None = None  # a training run (`train`): the prompt is the text, prompt_ids its stream
 
     def of_rank(self, rank: int) -> "Trace":
         """What rank `rank` of a tensor-parallel run computed: its own slices and partial sums, and the
@@ -75,10 +84,14 @@ class Trace:
     def n_steps(self) -> int:
         """Forward passes made: one per generated token, the prompt step being step 0 (the only
         step of a shapes-only run, which chooses no token)."""
+        if self.training is not None:
+            return len(self.training.steps)
         return 1 if self.shapes_only else len(self.new_ids)
 
     def positions(self, step: int) -> tuple[int, int]:
-        """(P, T) of a step: positions already cached, tokens fed."""
+        """(P, T) of a step: positions already cached, tokens fed (of a training step: none cached, T per row)."""
+        if self.training is not None:
+            return 0, self.training.setup.seq
         if step == 0:
             return 0, len(self.prompt_ids)
         return len(self.prompt_ids) + step - 1, 1
@@ -87,6 +100,10 @@ class Trace:
         return self.pieces.get(token_id, f"<{token_id}>")
 
     def describe(self, step: int, layer: int) -> str:
+        if self.training is not None:
+            setup, result = self.training.setup, self.training.steps[step]
+            return (f"training step {step} of 0..{self.n_steps - 1} (B={setup.batch} rows of T={setup.seq} tokens "
+                    f"from token {result.offset}, loss {result.loss:.4f}) · layer {layer} of 0..{self.config.n_layers - 1}")
         P, T = self.positions(step)
         kind = "prompt" if step == 0 else f"decode, feeds generated token {step}"
         last_layer = self.config.n_layers - 1
@@ -144,6 +161,19 @@ def _shown_ids(prompt_ids: list[int], new_ids: list[int], records: list[TensorRe
     return ids
 
 
+def capture_notes(recorder: Recorder, model: Model) -> list[str]:
+    """What the user must know of how the values were kept."""
+    notes, capture = [], recorder.capture
+    if recorder.budget_hit_at:
+        step, layer = recorder.budget_hit_at
+        notes.append(f"the trace budget of {capture.max_bytes / 2**20:.0f} MB was reached at step {step}, "
+                     f"layer {layer}: from there on, tensors kept their statistics only")
+    if capture.store_dtype is not None:
+        notes.append(f"values are stored as {dtype_name(capture.store_dtype)} (the model computed in "
+                     f"{dtype_name(model.dtype)}); statistics are from the full values")
+    return notes
+
+
 def traced_run(model: Model, prompt: str, *, chat: bool = True, max_new_tokens: int = 32,
                sampling: Sampling = Sampling(), capture: Capture = Capture(),
                on_text: Callable[[str], None] | None = None, system: str | None = None,
@@ -162,14 +192,7 @@ def traced_run(model: Model, prompt: str, *, chat: bool = True, max_new_tokens: 
         new_ids = generate(model, prompt_ids, max_new_tokens, sampling,
                            on_token=TextStream(model, on_text) if on_text else None, pipeline=pipeline)
     seconds = time.perf_counter() - started
-    notes = []
-    if recorder.budget_hit_at:
-        step, layer = recorder.budget_hit_at
-        notes.append(f"the trace budget of {capture.max_bytes / 2**20:.0f} MB was reached at step {step}, "
-                     f"layer {layer}: from there on, tensors kept their statistics only")
-    if capture.store_dtype is not None:
-        notes.append(f"values are stored as {dtype_name(capture.store_dtype)} (the model computed in "
-                     f"{dtype_name(model.dtype)}); statistics are from the full values")
+    notes = capture_notes(recorder, model)
     tokenizer = model.tokenizer
     if tokenizer is None:  # stand-in ids: no text to show
         text, answer, pieces = "", "", {}

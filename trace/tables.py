@@ -9,15 +9,18 @@ from stages.pipelines import PIPELINES, PLAIN, Pipeline
 from stages.registry import NOTATION
 from stages.rope import PAIRS
 from stages.tensor_parallel import SPLIT_DIM
+from stages.training_stages import GRAD, TRAINING_ROLES, UPDATE, WEIGHT_GRAD
 
 from .recorder import STAT_NAMES, TensorRecord
 from .run import Trace
 from .heatmap import terminal_heatmap
 from .values import as_matrix, number, preview
 
-ROLE_STYLE = {"in": "cyan", "weight": "magenta", "aux": "yellow", "mid": "default", "out": "green"}
+ROLE_STYLE = {"in": "cyan", "weight": "magenta", "aux": "yellow", "mid": "default", "out": "green",
+              GRAD: "red", WEIGHT_GRAD: "red", UPDATE: "blue"}
 ROLE_LEGEND = Text.assemble("tensors: ", ("in", "cyan"), " · ", ("weight", "magenta"), " · ",
                             ("aux (made for this step)", "yellow"), " · intermediate · ", ("out", "green"))
+BACKWARD = frozenset({GRAD, WEIGHT_GRAD})  # what the backward pass adds to a training step's records
 
 
 def stages_table(pipeline: Pipeline = PLAIN) -> Group:
@@ -94,16 +97,30 @@ def _table(title: str | None, *columns: str) -> Table:
 
 def shapes_table(trace: Trace, step: int, layer: int) -> Table:
     """Every stage's tensors for one step and layer: dtype, symbolic and concrete shape."""
-    table = _table(f"Shapes at {trace.describe(step, layer)}", "#", "tensor", "dtype", "symbolic", "shape")
+    training = trace.training is not None
+    columns = ("#", "tensor", "dtype", "symbolic", "shape") + (("‖∂loss/∂‖",) if training else ())
+    table = _table(f"Shapes at {trace.describe(step, layer)}", *columns)
     records = trace.select(step, layer)
+    # Of a training step: each tensor's gradient norm beside it, rather than the gradients as rows of their own.
+    grad_norms = {(r.stage, r.name.removesuffix(".grad")): r.norm for r in records if r.role in BACKWARD}
     for s in trace.stages:
         table.add_row(str(s.number), Text(s.short, style="bold"))
-        for r in (r for r in records if r.stage == s.number):
+        for r in (r for r in records if r.stage == s.number and r.role not in TRAINING_ROLES):
+            norm = grad_norms.get((r.stage, r.name))
             table.add_row("", Text(r.name, style=ROLE_STYLE[r.role]), Text(r.dtype), Text(r.symbolic),
-                          _shape(r.shape))
+                          _shape(r.shape), *((Text(number(norm, digits=4) if norm is not None else "", style="red"),) if training else ()))
     table.caption = ROLE_LEGEND
     table.caption_justify = "left"
     return table
+
+
+def _stats_table(title: str | None, records: list[TensorRecord], norm: bool = False) -> Table:
+    stats = _table(title, "tensor", *(("norm",) if norm else ()), *STAT_NAMES)
+    for r in records:
+        shown = [number(r.norm, digits=4) if r.norm is not None else ""] if norm else []
+        stats.add_row(Text(r.name, style=ROLE_STYLE[r.role]), *shown,
+                      *(number(v, digits=4) for v in (r.stats or {}).values()))
+    return stats
 
 
 def _preview(r: TensorRecord) -> Group | None:
@@ -136,13 +153,18 @@ def stage_detail(trace: Trace, number_: int, step: int, layer: int, head: int = 
     header = Panel(Text(s.explanation), title=f"Stage {s.number} · {s.title}", title_align="left",
                    subtitle=trace.describe(step, layer) if s.scope != "run" else "once per run",
                    subtitle_align="left")
+    forward = [r for r in records if r.role not in TRAINING_ROLES]
     shapes = _table(None, "tensor", "role", "dtype", "symbolic", "shape")
-    stats = _table(None, "tensor", *STAT_NAMES)
-    for r in records:
-        name = Text(r.name, style=ROLE_STYLE[r.role])
-        shapes.add_row(name, Text(r.role), Text(r.dtype), Text(r.symbolic), _shape(r.shape))
-        stats.add_row(name, *(number(v, digits=4) for v in (r.stats or {}).values()))
-    parts = [header, shapes] if trace.shapes_only else [header, shapes, stats]
+    for r in forward:
+        shapes.add_row(Text(r.name, style=ROLE_STYLE[r.role]), Text(r.role), Text(r.dtype), Text(r.symbolic),
+                       _shape(r.shape))
+    parts = [header, shapes] if trace.shapes_only else [header, shapes, _stats_table(None, forward)]
+    if trace.training is not None:
+        parts += [_stats_table("Backward pass: the gradient of the loss with respect to each tensor",
+                               [r for r in records if r.role in BACKWARD], norm=True),
+                  _stats_table("AdamW: each weight's update (new - old) and the moments it keeps (m, v)",
+                               [r for r in records if r.role == UPDATE], norm=True)]
+        records = [r for r in records if r.role != UPDATE]  # their pictures: --plot
     if (heatmap := _heatmap(trace, s, records, head)) is not None:
         parts.append(heatmap)
     previews = [p for p in map(_preview, records) if p is not None]

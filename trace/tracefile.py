@@ -22,17 +22,18 @@ from stages.inputs import regular_file
 from stages.pipelines import N_STAGES, PIPELINES
 from stages.tensor_parallel import MAX_RANKS
 from stages.registry import Stage
+from stages.training import StepResult, TrainingSetup
 
 from .files import output_file
 from .manifest import MANIFEST, check, check_placement
-from .recorder import STAT_NAMES, Capture, Ranges, Rule, TensorRecord, dtype_name
-from .run import Trace
+from .recorder import CORNERED, STAT_NAMES, Capture, Ranges, Rule, TensorRecord, dtype_name
+from .run import Trace, TrainingLog
 
-FORMAT, FORMAT_VERSION = "llama-trace", 6
+FORMAT, FORMAT_VERSION = "llama-trace", 7
 # Tensors that versions 1 and 2 called by names now used for other tensors (or by none).
 RENAMED_IN_V3 = {(14, "output"): "head outputs", (14, "output (transposed)"): "heads merged",
                  (19, "h"): "out", (19, "normalized h"): "normalized out"}
-READS = (1, 2, 3, 4, 5, 6)  # version 4 added the model's source, 5 the implementation, 6 the ranks
+READS = (1, 2, 3, 4, 5, 6, 7)  # version 4 added the model's source, 5 the implementation, 6 the ranks, 7 training
 STORED = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool, "C64": torch.complex64}
@@ -107,6 +108,7 @@ def save_trace(trace: Trace, path: Path, force: bool) -> Path:
                      "stats": list(r.stats.values()) if r.stats else None, "values": place, "rank": r.rank}
                     for r, place in zip(trace.records, places, strict=True)],
         "ranks": trace.ranks,
+        "training": asdict(trace.training) if trace.training else None,
     }
     header, offset = {"__metadata__": {FORMAT: json.dumps(manifest, separators=(",", ":"))}}, 0
     for key, block in tensors.items():
@@ -211,7 +213,7 @@ def _record(entry: dict, tensors: dict[str, torch.Tensor], n_steps: int, config:
         block = tensors.get(place["block"])
         if block is None:
             raise UserError(f"damaged trace file: the values of {where} are missing")
-        check_placement(place, block.numel(), entry["shape"], spec.role == "weight", spec.grouped, config.n_rep,
+        check_placement(place, block.numel(), entry["shape"], spec.role in CORNERED, spec.grouped, config.n_rep,
                         where)
         values = block.as_strided(place["shape"], place["stride"], place["offset"])
     return TensorRecord(step=entry["step"], layer=entry["layer"], stage=entry["stage"], name=entry["name"],
@@ -219,6 +221,20 @@ def _record(entry: dict, tensors: dict[str, torch.Tensor], n_steps: int, config:
                         shape=tuple(entry["shape"]), rank=entry["rank"],
                         _stats=torch.tensor(entry["stats"], dtype=torch.float64) if entry["stats"] else None,
                         _values=values)
+
+
+def _training_from(data: dict | None, n_tokens: int, path: Path) -> TrainingLog | None:
+    """The training run's setup and steps, checked: every batch lies inside the text's stream."""
+    if data is None:
+        return None
+    try:
+        setup = TrainingSetup(**data["setup"])
+    except UserError as e:
+        raise UserError(f"damaged trace file {path}: {e}") from None
+    steps = [StepResult(**step) for step in data["steps"]]
+    if len(steps) != setup.steps or any(not 0 <= s.offset <= n_tokens - setup.tokens_per_step - 1 for s in steps):
+        raise UserError(f"damaged trace file {path}: its training steps do not fit its text")
+    return TrainingLog(setup, steps)
 
 
 def load_trace(path: Path) -> Trace:
@@ -230,6 +246,8 @@ def load_trace(path: Path) -> Trace:
         manifest["model"].setdefault("source", "")
     if manifest["version"] < 5:
         manifest.setdefault("implementation", "plain")
+    if manifest["version"] < 7:
+        manifest.setdefault("training", None)
     if manifest["version"] < 6:
         manifest.setdefault("ranks", 1)
         for entry in manifest.get("records", []) if isinstance(manifest.get("records"), list) else []:
@@ -248,7 +266,8 @@ def load_trace(path: Path) -> Trace:
         sampling = Sampling(**manifest["sampling"])
     except (ValueError, UserError) as e:
         raise UserError(f"damaged trace file {path}: {e}") from None
-    n_steps = len(manifest["new_ids"])
+    training = _training_from(manifest["training"], len(manifest["prompt_ids"]), path)
+    n_steps = len(training.steps) if training else len(manifest["new_ids"])
     if not all(0 <= i < config.vocab_size for i in manifest["prompt_ids"] + manifest["new_ids"]) or \
             not all(key.isdigit() for key in manifest["pieces"]):
         raise UserError(f"damaged trace file {path}: its token ids do not fit its vocabulary")
@@ -262,4 +281,4 @@ def load_trace(path: Path) -> Trace:
                  answer=manifest["answer"], pieces={int(k): v for k, v in manifest["pieces"].items()},
                  records=records, capture=_capture_from(manifest["capture"]), seconds=manifest["seconds"],
                  notes=manifest["notes"], source=model["source"], pipeline=manifest["implementation"],
-                 ranks=manifest["ranks"])
+                 ranks=manifest["ranks"], training=training)

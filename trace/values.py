@@ -24,6 +24,9 @@ def as_matrix(record: TensorRecord, head: int, n_rep: int) -> tuple[torch.Tensor
     """
     values, names = record.values, dim_names(record)
     taken = []
+    if names and names[0] == "B" and values.dim() > 2:  # a training batch: its first row
+        values, names = values[0], names[1:]
+        taken.append("batch row 0")
     for dim in reversed(range(values.dim())):
         if values.dim() > 2 and names[dim] in HEAD_DIMS:
             index = head if names[dim] == "H" else head // n_rep
