@@ -14,7 +14,9 @@ Measures, alternating the things compared and reporting medians and ratios
   5. the implementations untraced: the serving engine's packed layers (--impl packed) against
      the plain stages;
   6. TransformerLens' run_with_cache against its own forward on the same weights and prompt, beside
-     our prompt step with --capture all (an optional extra: pip install -e '.[bench]').
+     our prompt step with --capture all (an optional extra: pip install -e '.[bench]');
+  7. a training step (`train`, B = 2, T = 64, AdamW): untraced, traced with the default capture and
+     with --capture all, and the peak memory of a traced training run.
 
 `--only implementations` (or any of the result's section names) measures that part alone and
 updates it in the results file.
@@ -216,19 +218,45 @@ def first_table(repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as empty:
         cold = once({**os.environ, "LLAMA_TRACE_CACHE": empty}, "--max-new-tokens", "1")  # fetches the model first
     cached = statistics.median(once(dict(os.environ), "--max-new-tokens", "1") for _ in range(repeats))
+    return {"cold_fetch_s": cold, "model_cached_s": cached, "main_command_peak_rss_bytes": peak_rss("run", question)}
+
+
+def peak_rss(*command: str) -> int:
+    """Peak resident memory, in bytes, of `python -m trace COMMAND...`."""
     # A fresh parent per measurement: its children's peak is this command's alone.
     peak = subprocess.run([sys.executable, "-c", "import resource, subprocess, sys; subprocess.run(sys.argv[1:], "
                            "check=True, capture_output=True); print(resource.getrusage(resource.RUSAGE_CHILDREN)"
-                           ".ru_maxrss)", sys.executable, "-m", "trace", "run", question],
+                           ".ru_maxrss)", sys.executable, "-m", "trace", *command],
                           cwd=ROOT, check=True, capture_output=True, text=True)
-    return {"cold_fetch_s": cold, "model_cached_s": cached, "main_command_peak_rss_bytes": int(peak.stdout) * 1024}
+    return int(peak.stdout) * 1024
+
+
+TRAIN_STEPS = 2
+
+
+def training(path: Path, repeats: int) -> dict:
+    """Seconds per training step of a model of its own (training changes the weights): untraced, traced
+    with the default capture and with --capture all; and the peak RSS of the `train` command."""
+    from stages.training import TrainingSetup, train
+    from trace.training_run import read_training_text, traced_training
+    model = stages.load_model(path, device="cpu")
+    text = read_training_text(None)
+    ids = model.tokenizer.encode(text, add_bos=False)
+    setup = TrainingSetup(batch=2, seq=64, steps=TRAIN_STEPS)
+    t = alternate({"none": lambda: train(model, ids, setup),
+                   "default": lambda: traced_training(model, text, setup),
+                   "all": lambda: traced_training(model, text, setup, Capture.everything())}, repeats)
+    return {"batch": 2, "seq": 64, "untraced_step_s": t["none"] / TRAIN_STEPS,
+            "default_step_s": t["default"] / TRAIN_STEPS, "all_step_s": t["all"] / TRAIN_STEPS,
+            "default_ratio": t["default"] / t["none"], "all_ratio": t["all"] / t["none"],
+            "train_command_peak_rss_bytes": peak_rss("train", "--steps", str(TRAIN_STEPS))}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results.json")
-    sections = ("speed", "tracing", "memory", "first_table", "implementations", "transformer_lens")
+    sections = ("speed", "tracing", "memory", "first_table", "implementations", "transformer_lens", "training")
     parser.add_argument("--only", choices=sections, help="measure this part alone, keeping the rest of --out")
     args = parser.parse_args()
     path = embedded_model_path()
@@ -242,6 +270,7 @@ def main() -> int:
         "first_table": lambda: first_table(max(1, args.repeats // 2)),
         "implementations": lambda: implementations(model, ids, args.repeats),
         "transformer_lens": lambda: transformer_lens(model, path, ids, args.repeats),
+        "training": lambda: training(path, args.repeats),
     }
     results = json.loads(args.out.read_text()) if args.only and args.out.exists() else {}
     results |= {"machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
@@ -259,7 +288,7 @@ def main() -> int:
     for column in ("measure", "value"):
         table.add_column(column)
     s, tr, mem, ft = results["speed"], results["tracing"], results["memory"], results["first_table"]
-    packed, lens = results["implementations"]["packed"], results["transformer_lens"]
+    packed, lens, train = results["implementations"]["packed"], results["transformer_lens"], results["training"]
     rows = [
         (f"prompt step ({len(ids)} tokens): ours / transformers",
          f"{s['prompt_step_s']['ours']:.3f} s / {s['prompt_step_s']['transformers']:.3f} s "
@@ -286,6 +315,10 @@ def main() -> int:
          "" if "missing" in lens else f"{lens['ours_all_ratio']:.2f}x, {lens['ours_all_kept_bytes'] / 2**20:.0f} MiB"),
         ("--impl packed / plain, untraced: prompt step, decode tokens/s",
          f"{packed['prompt_step_ratio_to_plain']:.2f}x time, {packed['decode_ratio_to_plain']:.2f}x tokens/s"),
+        ("training step, B=2 T=64, AdamW: untraced; traced default, all",
+         f"{train['untraced_step_s']:.2f} s; {train['default_step_s']:.2f} s ({train['default_ratio']:.2f}x), "
+         f"{train['all_step_s']:.2f} s ({train['all_ratio']:.2f}x)"),
+        ("peak memory (RSS) of `train --steps 2`", f"{train['train_command_peak_rss_bytes'] / 1e9:.2f} GB"),
     ]
     for row in rows:
         table.add_row(*row)

@@ -235,6 +235,7 @@ NOTATION = (
     ("P", "positions already in the KV cache"),
     ("D", "model dimension"), ("H", "query heads"), ("Hkv", "key/value heads"),
     ("Dh", "head dimension"), ("F", "FFN hidden dimension"), ("V", "vocabulary size"),
+    ("B", "sequences in a training batch (train)"), ("N", "tokens of the training text (train)"),
 )
 
 

@@ -121,9 +121,15 @@ def parameters(weights: Weights) -> list[torch.Tensor]:
 
 
 def _record_at_weights(places, name_of, tensor_of) -> None:
-    for stage, layer, name, weight in places:
-        at(layer=layer)
-        record(stage, name_of(name), tensor_of(weight))
+    """For each weight, `tensor_of` it (made once, even for a weight used twice) recorded at its places."""
+    uses: dict[int, list] = {}
+    for place in places:
+        uses.setdefault(id(place[3]), []).append(place)
+    for same_weight in uses.values():
+        tensor = tensor_of(same_weight[0][3])
+        for stage, layer, name, _ in same_weight:
+            at(layer=layer)
+            record(stage, name_of(name), tensor)
     at(layer=None)
 
 

@@ -72,8 +72,8 @@ def png(data: str) -> np.ndarray:
     return matplotlib.image.imread(io.BytesIO(base64.b64decode(data)))
 
 
-def test_there_are_eight_walkthroughs():
-    assert [p.name[:2] for p in execute_notebooks.notebooks()] == ["01", "02", "03", "04", "05", "06", "07", "08"]
+def test_there_are_nine_walkthroughs():
+    assert [p.name[:2] for p in execute_notebooks.notebooks()] == ["01", "02", "03", "04", "05", "06", "07", "08", "09"]
 
 
 @pytest.mark.parametrize("path", execute_notebooks.notebooks(), ids=lambda p: p.stem)

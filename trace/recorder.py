@@ -239,6 +239,7 @@ class Recorder:
         # Of a training step: id(activation) -> (it, the records of its gradient with whether they keep
         # values), until the backward pass hands autograd's gradient to the hook asked for it.
         self._gradients: dict[int, tuple[torch.Tensor, list[tuple[TensorRecord, bool]]]] = {}
+        self._last_cornered: tuple[torch.Tensor | None, Sums | None] = (None, None)
 
     @property
     def records(self) -> list[TensorRecord]:
@@ -250,6 +251,7 @@ class Recorder:
             self._flush()
         if "step" in where:
             self._gradients.clear()  # (a tensor whose gradient never came: it did not lead to the loss)
+            self._last_cornered = (None, None)
         for key, value in where.items():
             setattr(self, key, value)
         self._sums_here.clear()
@@ -334,8 +336,10 @@ class Recorder:
 
     def record(self, stage: int, name: str, tensor: torch.Tensor, copy: bool,
                shape: tuple[int, ...] | None = None) -> None:
-        spec = self._spec(stage, name)
-        record = self._new_record(stage, spec, tensor, shape)
+        spec = self._specs.get((stage, name)) or self._spec(stage, name)
+        record = TensorRecord(self.step, self.layer, stage, name, spec.role, spec.shape, dtype_name(tensor.dtype),
+                              tuple(shape or tensor.shape), self.rank)
+        self._records.append(record)
         if tensor.is_meta:  # shapes only: there are no numbers to summarise or keep
             return
         cornered = spec.role in CORNERED
@@ -347,8 +351,10 @@ class Recorder:
             if known is None or known[0]() is not tensor or known[1] != version:
                 known = _WEIGHT_STATS[id(tensor)] = (weakref.ref(tensor), version, _sums(tensor.detach()))
             record._sums = known[2]
-        elif cornered:  # a weight's gradient or update: new every training step
-            record._sums = _sums(tensor)
+        elif cornered:  # a weight's gradient or update: new every training step (a tied weight's, shown twice)
+            if self._last_cornered[0] is not tensor:
+                self._last_cornered = (tensor, _sums(tensor))
+            record._sums = self._last_cornered[1]
         keeps = self._keeps_here.get(stage)
         if keeps is None:
             keeps = self._keeps_here[stage] = self.step is None or any(
