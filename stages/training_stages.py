@@ -77,7 +77,10 @@ _CHANGED = {
                                                    "values is the sum over the H/Hkv query heads that read them.",
              tensors=tuple(replace(t, sources=(10,) if t.name == "keys" else (9,),
                                    view_of="xk (rotated)" if t.name == "keys" else "xv (reshaped)")
-                           if t.name in ("keys", "values") else t for t in STAGES[11].tensors)),
+                           if t.name in ("keys", "values") else t for t in STAGES[11].tensors),
+             # (the batch comes first: the heads and the positions are dimensions 1 and 2)
+             ops=tuple(replace(o, label="transpose(1, 2)") if o.label == "transpose(0, 1)" else o
+                       for o in STAGES[11].ops)),
     13: dict(explanation="Every query is compared with every key of its own sequence: xq · keysᵀ / sqrt(Dh), plus the "
                          "causal mask (0 where allowed, -inf for later positions: no position may see the token it "
                          "must predict), then a softmax over the keys, in float32. In the backward pass the "

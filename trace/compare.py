@@ -48,6 +48,12 @@ def diff_table(a: Trace, b: Trace, step: int, layer: int, stage: int | None, nam
     header = Text()
     for label, trace in zip(names, (a, b), strict=True):
         how = f"--impl {trace.pipeline}" if trace.ranks == 1 else f"--tp {trace.ranks}, rank {trace.rank}"
+        if trace.training is not None:  # (the text may be long: its size, and what the steps did)
+            setup, steps = trace.training.setup, trace.training.steps
+            how = (f"train: {len(steps)} steps of B={setup.batch} × T={setup.seq} from a {len(trace.prompt_ids)}-token "
+                   f"text, lr {setup.lr:g} · loss " + " → ".join(f"{s.loss:.4f}" for s in steps))
+            header.append(f"{label}: {trace.model_name} · {trace.device} {trace.dtype} · {how}\n")
+            continue
         header.append(f"{label}: {trace.model_name} · {trace.device} {trace.dtype} · {how} · "
                       f"prompt {trace.prompt!r} ({len(trace.prompt_ids)} tokens) → {trace.answer!r}\n")
     same_tokens = a.prompt_ids + a.new_ids == b.prompt_ids + b.new_ids

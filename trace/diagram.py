@@ -97,9 +97,17 @@ def _new_graph(title: str, subtitle: str) -> graphviz.Digraph:
     return g
 
 
+def _training(pipeline: Pipeline) -> bool:
+    return pipeline.forward_step is None  # (a training step: no generation loop)
+
+
+def _engine(pipeline: Pipeline) -> str:
+    return "Training loop" if _training(pipeline) else "Inference engine"
+
+
 def _frames(stage: Stage, ctx: Context) -> list[str]:
     if stage.scope == "run":
-        return ["Inference engine: before the generation loop"]
+        return [f"{_engine(ctx.pipeline)}: before the {'training steps' if _training(ctx.pipeline) else 'generation loop'}"]
     frames = [f"Transformer Model: {ctx.model_name}"]
     if stage.scope == "layer":
         frames.append(f"Transformer Block (Layer {ctx.layer})")
@@ -283,7 +291,7 @@ def _model_edges(g: graphviz.Digraph, pipeline: Pipeline) -> None:
             if number < stage.number:  # back to the top of the block loop: the stream into the next block
                 attrs.update(style="dashed", label="next block", constraint="false", **RESIDUAL)
             _up(g, f"s{stage.number}", f"s{number}", **attrs)
-    if pipeline.forward_step is not None:  # (training has no generation loop)
+    if not _training(pipeline):
         _up(g, "s19", "s3", label="next token", style="dashed", constraint="false")
 
 
@@ -298,7 +306,7 @@ def model_diagram(ctx: Context) -> graphviz.Digraph:
             frame.node(f"s{n}", _stage_box(ctx.pipeline.stage(n), ctx, dimmed=ctx.here not in (None, n)))
 
     with g.subgraph(name="cluster_engine") as engine:
-        engine.attr(label="Inference engine", style="filled", fillcolor=FRAME_FILL[0], color="#78909c",
+        engine.attr(label=_engine(ctx.pipeline), style="filled", fillcolor=FRAME_FILL[0], color="#78909c",
                     fontsize="14", **FRAME_LABEL_ON_TOP)
         boxes(engine, (1, 2, 3))
         with engine.subgraph(name="cluster_model") as model:
@@ -353,7 +361,8 @@ def drawing(number: int | None, trace: Trace | None, step: int = 0, layer: int =
     if trace is None:
         ctx = Context("any LLaMA model", layer, here=here, pipeline=pipeline)
     else:
-        where = trace.describe(step, layer) + ("" if trace.pipeline == PLAIN.name else f" · --impl {trace.pipeline}")
+        where = trace.describe(step, layer) + ("" if trace.pipeline == PLAIN.name or trace.training
+                                               else f" · --impl {trace.pipeline}")
         if trace.ranks > 1:
             where = trace.describe(step, layer) + f" · tensor parallel over {trace.ranks} ranks" + \
                 ("" if number is not None else f" (rank {trace.rank or 0}'s shapes)")
