@@ -249,7 +249,9 @@ def training(path: Path, repeats: int) -> dict:
     return {"batch": 2, "seq": 64, "untraced_step_s": t["none"] / TRAIN_STEPS,
             "default_step_s": t["default"] / TRAIN_STEPS, "all_step_s": t["all"] / TRAIN_STEPS,
             "default_ratio": t["default"] / t["none"], "all_ratio": t["all"] / t["none"],
-            "train_command_peak_rss_bytes": peak_rss("train", "--steps", str(TRAIN_STEPS))}
+            "train_command_peak_rss_bytes": peak_rss("train", "--steps", str(TRAIN_STEPS)),
+            # (memory must not grow with the steps)
+            "train_command_peak_rss_bytes_16_steps": peak_rss("train", "--steps", "16")}
 
 
 def main() -> int:
@@ -318,7 +320,9 @@ def main() -> int:
         ("training step, B=2 T=64, AdamW: untraced; traced default, all",
          f"{train['untraced_step_s']:.2f} s; {train['default_step_s']:.2f} s ({train['default_ratio']:.2f}x), "
          f"{train['all_step_s']:.2f} s ({train['all_ratio']:.2f}x)"),
-        ("peak memory (RSS) of `train --steps 2`", f"{train['train_command_peak_rss_bytes'] / 1e9:.2f} GB"),
+        ("peak memory (RSS) of `train --steps 2`, `--steps 16`",
+         f"{train['train_command_peak_rss_bytes'] / 1e9:.2f} GB, "
+         f"{train['train_command_peak_rss_bytes_16_steps'] / 1e9:.2f} GB"),
     ]
     for row in rows:
         table.add_row(*row)

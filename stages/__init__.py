@@ -6,7 +6,7 @@ import torch
 
 from .config import TINY, ModelConfig
 from .embedded import NAME as EMBEDDED_NAME, embedded_identity, embedded_model_path
-from .errors import UserError
+from .errors import NoWeightsError, UserError
 from .forward import forward_step
 from .generate import check_length, generate
 from .checkpoint import read_checkpoint
@@ -42,10 +42,10 @@ def load_model(path: str | Path | None = None, device: str = "auto", dtype: str 
         weights = shapes_only_weights(checkpoint.config, torch_dtype, checkpoint.tied)
         return Model(name, checkpoint.config, weights, checkpoint.tokenizer, checkpoint.source)
     if checkpoint.weights is None:
-        raise UserError(f"{path} holds a model's configuration but no weights: add --shapes-only to see its shapes")
+        raise NoWeightsError(f"{path} holds a model's configuration but no weights: add --shapes-only to see its shapes")
     return Model.build(name, checkpoint.config, checkpoint.weights, checkpoint.tokenizer, resolve_device(device),
                        torch_dtype, checkpoint.source)
 
 
-__all__ = ["DTYPES", "Model", "ModelConfig", "NOTATION", "PIPELINES", "PLAIN", "Pipeline", "STAGES", "Sampling", "TINY", "UserError", "check_length", "forward_step",
+__all__ = ["DTYPES", "Model", "ModelConfig", "NOTATION", "NoWeightsError", "PIPELINES", "PLAIN", "Pipeline", "STAGES", "Sampling", "TINY", "UserError", "check_length", "forward_step",
            "generate", "load_model", "stage", "tokenize"]

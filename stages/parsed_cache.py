@@ -36,7 +36,7 @@ LAYER_NAMES = [f.name for f in dataclass_fields(LayerWeights)]
 
 def _flat(weights: Weights) -> dict[str, torch.Tensor]:
     flat = {"tok_embeddings": weights.tok_embeddings, "norm": weights.norm}
-    if weights.output is not weights.tok_embeddings:
+    if not weights.tied:
         flat["output"] = weights.output
     if weights.rope_freqs is not None:
         flat["rope_freqs"] = weights.rope_freqs

@@ -3,7 +3,7 @@ their makers published them, so that every stage shows the diagrams' own shapes 
 weights (16 GB for Llama 3.1 8B in bfloat16)."""
 from .checkpoint import Checkpoint
 from .config import ModelConfig
-from .errors import UserError
+from .errors import NoWeightsError, UserError
 
 # Meta's params.json for Llama 3.1 8B (F from its multiple_of 1024 and ffn_dim_multiplier 1.3) and its
 # context of 128K; RoPE scaling changes numbers, not shapes, so it is left out here.
@@ -35,5 +35,5 @@ DTYPE = "bfloat16"  # the dtype Meta's weights are published in, and the diagram
 def read_preset(name: str, shapes_only: bool) -> Checkpoint:
     title, config, tokenizer = PRESETS[name]
     if not shapes_only:
-        raise UserError(f"{name} is a preset of shapes without weights: add --shapes-only")
+        raise NoWeightsError(f"{name} is a preset of shapes without weights: add --shapes-only")
     return Checkpoint(title, config, None, tokenizer(), f"preset {name}: the configuration Meta published")

@@ -74,7 +74,7 @@ def shard_weights(weights: Weights, shard: Shard) -> Weights:
 
     layers = [LayerWeights(**{name: part(name, w) for name, w in vars(layer).items()}) for layer in weights.layers]
     tok_embeddings = part("tok_embeddings", weights.tok_embeddings)
-    tied = weights.output is weights.tok_embeddings
+    tied = weights.tied
     return replace(weights, tok_embeddings=tok_embeddings, layers=layers,
                    output=tok_embeddings if tied else part("output", weights.output))
 

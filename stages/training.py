@@ -47,6 +47,10 @@ class TrainingSetup:
         if self.clip is not None and not 0 < self.clip < float("inf"):
             raise UserError(f"the gradient clipping norm must be positive, not {self.clip!r}")
 
+    def check_fits(self, context: int) -> None:
+        if self.seq > context:
+            raise UserError(f"--seq {self.seq} is longer than the model's context of {context} tokens")
+
     @property
     def tokens_per_step(self) -> int:
         return self.batch * self.seq
@@ -62,8 +66,7 @@ class StepResult:
 def batch_offsets(n_tokens: int, setup: TrainingSetup, context: int) -> list[int]:
     """Where each step's B·T+1 ids start: the stream's whole batches in turn, from the start again
     when the text runs out (or always the first, with `same_batch`)."""
-    if setup.seq > context:
-        raise UserError(f"--seq {setup.seq} is longer than the model's context of {context} tokens")
+    setup.check_fits(context)
     whole = (n_tokens - 1) // setup.tokens_per_step
     if whole == 0:
         raise UserError(f"the text has {n_tokens} tokens; --batch {setup.batch} --seq {setup.seq} needs at least "
@@ -133,17 +136,22 @@ def _record_at_weights(places, name_of, tensor_of) -> None:
     at(layer=None)
 
 
-def adamw_step(optimizer: torch.optim.AdamW, places, clip: float | None) -> float:
+def adamw_step(optimizer: torch.optim.AdamW, places, clip: float | None, before: dict[int, torch.Tensor]) -> float:
     """Clip the gradients' total norm, let AdamW update every weight, and record for each weight
-    its update (new - old) and the moments AdamW keeps. Returns the norm before clipping."""
+    its update (new - old) and the moments AdamW keeps. Returns the norm before clipping.
+    `before`: a copy of the weights, made once and rewritten each step (a copy made anew at every
+    step fragments the heap: the process grew by ~85 MB a step), only while a trace listens."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf")))
-    before = {id(p): p.detach().clone() for p in params} if active() else None  # only to show the update
+    listening = active()
+    if listening:
+        for p in params:
+            before.setdefault(id(p), torch.empty_like(p)).copy_(p.detach())
     optimizer.step()
     # The fused step writes the weights without telling autograd: their version says they changed.
     torch.autograd.graph.increment_version(params)
-    if before is not None:
-        _record_at_weights(places, update_name, lambda w: w.detach() - before[id(w)])
+    if listening:  # old - new, negated in place: exactly new - old, with no new memory
+        _record_at_weights(places, update_name, lambda w: before[id(w)].sub_(w.detach()).neg_())
         for what in ADAMW_STATE:
             _record_at_weights(places, lambda name: update_name(name, what), lambda w: optimizer.state[w][what])
     return norm
@@ -161,7 +169,7 @@ def train(model: Model, token_ids: list[int], setup: TrainingSetup,
     places = weight_places(model.weights)
     params = parameters(model.weights)
     optimizer = torch.optim.AdamW(params, lr=setup.lr, weight_decay=setup.weight_decay, fused=True)
-    results = []
+    results, before = [], {}
     try:
         with torch.enable_grad():
             for p in params:
@@ -171,7 +179,7 @@ def train(model: Model, token_ids: list[int], setup: TrainingSetup,
                 loss = forward_loss(model, *cut_batch(tokens, offset, setup.batch, setup.seq))
                 loss.backward()
                 _record_at_weights(places, grad_name, lambda w: w.grad)
-                grad_norm = adamw_step(optimizer, places, setup.clip)
+                grad_norm = adamw_step(optimizer, places, setup.clip, before)
                 optimizer.zero_grad(set_to_none=True)
                 results.append(StepResult(loss.item(), grad_norm, offset))
                 if on_step:

@@ -4,6 +4,7 @@ end, and beside each tensor the gradient of the loss with respect to it; beside 
 gradient and AdamW's update of it."""
 from dataclasses import replace
 
+from .errors import UserError
 from .registry import GROUPED, STAGES, Stage, TensorSpec, check, op, spec, spec_in
 
 GRAD, WEIGHT_GRAD, UPDATE = "grad", "weight grad", "update"  # the roles of what the backward pass and AdamW add
@@ -56,7 +57,7 @@ _CHANGED = {
     2: dict(explanation="The stream becomes one integer tensor of N ids, from which every step cuts its batch.",
             tensors=(spec_in("token ids", "(N)", 1), spec("out", "tokens", "(N)")),
             ops=(op("copy in", "token ids", "tokens"),)),
-    3: dict(short="batch",
+    3: dict(short="batch", title="Cutting the batch (in training, in place of looping through sequence length)",
             explanation="No loop over positions: each training step cuts B·T+1 consecutive ids from the stream "
                         "into B rows of T (the inputs, P = 0) and the same rows shifted by one (the targets: "
                         "position t learns to predict the token at t+1), and runs all B·T positions at once.",
@@ -113,3 +114,9 @@ def _training_stage(s: Stage) -> Stage:
 
 
 TRAINING_STAGES = check(tuple(_training_stage(s) for s in STAGES))
+
+
+def check_has_gradient(stage: int) -> None:
+    """A stage whose tensors are all token ids has no gradient to picture."""
+    if not any(t.role == GRAD for t in TRAINING_STAGES[stage - 1].tensors):
+        raise UserError(f"stage {stage} has no gradient to show (its tensors are token ids): try a stage from 4 to 19")

@@ -31,9 +31,14 @@ class Weights:
     output: torch.Tensor  # (V, D); the same tensor as tok_embeddings when tied
     rope_freqs: torch.Tensor | None = None  # (Dh/2) float32 divisors of RoPE's frequencies (Llama 3.1 scaling)
 
+    @property
+    def tied(self) -> bool:
+        """The output head is the embedding table itself (one tensor, one parameter)."""
+        return self.output is self.tok_embeddings
+
     def to(self, device, dtype) -> "Weights":
         tok_embeddings = self.tok_embeddings.to(device, dtype)
-        tied = self.output is self.tok_embeddings
+        tied = self.tied
         return Weights(tok_embeddings=tok_embeddings,
                        layers=[layer.to(device, dtype) for layer in self.layers],
                        norm=self.norm.to(device, dtype),

@@ -155,7 +155,8 @@ def test_diff_of_a_trace_with_itself_and_with_another_dtype(saved, tmp_path):
     same = cli("diff", str(path), str(path), "--step", "2", "--layer", "7")
     assert same.returncode == 0 and "same tokens" in same.stdout
     differences = [line.split("│")[-2].strip() for line in same.stdout.splitlines() if line.count("│") > 5]
-    assert differences and set(differences) <= {"0", "", "values not kept"} and "0" in differences
+    assert differences and set(differences) <= {"0", "", "values not kept", "0 ⌜"} and "0" in differences
+    assert "0 ⌜" in differences and "⌜ of the kept corner only" in same.stdout  # (weights: a corner)
     other = tmp_path / "bf16.trace"
     assert cli("run", QUESTION, "--max-new-tokens", "6", "--dtype", "bfloat16", "--step", "2", "--layer", "7",
                "--save", str(other)).returncode == 0

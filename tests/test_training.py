@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import stages
+
 from stages.hooks import recording
 from stages.pipelines import TRAINING
 from stages.rope import reorder
@@ -183,6 +185,27 @@ def test_the_capture_budget_holds_for_gradients(pair):
     assert recorder.kept_bytes <= budget and recorder.budget_hit_at is not None
     grads = [r for r in recorder.records if r.role == "grad"]
     assert any(r.values is None for r in grads) and all(r.stats is not None for r in grads)
+    # What is kept, counted from the records themselves: the weights' gradients and updates too.
+    kept = {r._values.untyped_storage().data_ptr(): r._values.untyped_storage().nbytes()
+            for r in recorder.records if r._values is not None}
+    assert sum(kept.values()) <= budget
+
+
+def test_values_stored_smaller_are_the_gradients_rounded(pair, tmp_path):
+    model, _ = pair
+    ids = stream(B * T + 1, seed=7)
+    setup = TrainingSetup(batch=B, seq=T, steps=1)
+    _, full = traced_steps(model, ids, setup)
+    again = stages.load_model(tmp_path / "tiny.gguf", device="cpu")  # the same weights, untrained
+    _, small = traced_steps(again, ids, setup, Capture.everything(store_dtype=torch.float16))
+    full, small = by_place(full), by_place(small)
+    grads = [key for key, r in full.items() if r.role in ("grad", "weight grad", "update")]
+    assert len(grads) > 100
+    for key in grads:
+        want = full[key].values
+        if small[key].role == "grad" and want.is_floating_point():
+            assert small[key].values.dtype == torch.float16
+        torch.testing.assert_close(small[key].values.to(want.dtype), want, rtol=2e-3, atol=1e-5)
 
 
 def test_a_training_trace_saves_and_shows_as_it_was(pair, tmp_path):
@@ -227,7 +250,7 @@ def test_train_command_end_to_end(tmp_path, embedded_path):
 
 @pytest.mark.parametrize("args, message", [
     (("--seq", "9000"), "longer than the model's context"),
-    (("--batch", "64", "--seq", "2048"), "B·T+1"),
+    (("--batch", "2", "--seq", "512"), "B·T+1"),
     (("--step", "4"), "--step 4 does not exist: with --steps 4"),
     (("--capture", "steps=9"), "step 9 does not exist: with --steps 4"),
     (("--layer", "30"), "--layer 30 does not exist"),
@@ -235,6 +258,9 @@ def test_train_command_end_to_end(tmp_path, embedded_path):
     (("--save", "{tmp}/no-such-folder/t.trace"), "no-such-folder"),
     (("--lr", "-1"), "--lr"),
     (("{tmp}/no-such-file.txt",), "text file not found"),
+    (("--dtype", "float16"), "train keeps its weights in float32"),
+    (("--model", "llama-3.1-8b"), "llama-3.1-8b has shapes only"),
+    (("--batch", "1000", "--seq", "2048"), "smaller --batch or --seq"),
 ])
 def test_bad_training_input_gets_one_clear_line(args, message, tmp_path):
     done = cli("train", *(a.replace("{tmp}", str(tmp_path)) for a in args), timeout=120)

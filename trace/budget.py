@@ -117,15 +117,42 @@ def estimate_bytes(config: ModelConfig, prompt_len: int, max_new_tokens: int, ca
     return total
 
 
+def parameter_count(config: ModelConfig, tied: bool) -> int:
+    c = config
+    per_layer = 2 * c.dim + (c.n_heads + 2 * c.n_kv_heads) * c.head_dim * c.dim + c.dim * c.n_heads * c.head_dim \
+        + 3 * c.dim * c.ffn_dim  # the two norms, wq wk wv, wo, w1 w3 w2
+    return c.n_layers * per_layer + c.vocab_size * c.dim * (1 if tied else 2) + c.dim  # (the head counted once when tied)
+
+
 def memory_needs(config: ModelConfig, prompt_len: int, max_new_tokens: int, dtype: torch.dtype,
                  tied: bool) -> dict[str, int]:
     """Bytes a real run of this model would take, said without running it: the weights (the head
     counted once when tied), the KV caches of every position, and a trace that keeps everything."""
-    c = config
-    per_layer = 2 * c.dim + (c.n_heads + 2 * c.n_kv_heads) * c.head_dim * c.dim + c.dim * c.n_heads * c.head_dim \
-        + 3 * c.dim * c.ffn_dim  # the two norms, wq wk wv, wo, w1 w3 w2
-    parameters = c.n_layers * per_layer + c.vocab_size * c.dim * (1 if tied else 2) + c.dim
+    parameters = parameter_count(config, tied)
     itemsize = torch.empty(0, dtype=dtype).element_size()
     return {"parameters": parameters, "weights": parameters * itemsize,
-            "kv_cache": kv_cache_bytes(c.n_layers, c.n_kv_heads, c.head_dim, prompt_len + max_new_tokens, dtype),
+            "kv_cache": kv_cache_bytes(config.n_layers, config.n_kv_heads, config.head_dim, prompt_len + max_new_tokens, dtype),
             "full_trace": estimate_bytes(config, prompt_len, max_new_tokens, Capture.everything(), dtype)}
+
+
+def training_bytes(config: ModelConfig, batch: int, seq: int, tied: bool) -> int:
+    """About the memory one training step of B×T tokens takes in float32, said before it runs (an
+    upper bound within ~20%): every weight five times (itself, its gradient, AdamW's two moments,
+    the copy that shows its update), each layer's activations that backward keeps, and the
+    logits with their log-probabilities and both their gradients (B, T, V) each."""
+    c, tokens = config, batch * seq
+    parameters = parameter_count(config, tied)
+    per_token_layer = 12 * c.dim + 8 * c.n_heads * c.head_dim + 4 * c.ffn_dim + 3 * c.n_heads * seq
+    return 4 * (5 * parameters + tokens * c.n_layers * per_token_layer + 4 * tokens * c.vocab_size)
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory the run can still take on `device` (None where it cannot be told)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None

@@ -87,9 +87,10 @@ def _add_model_options(command: argparse.ArgumentParser, inference: bool = True)
     model = command.add_argument_group("model")
     model.add_argument("--model", metavar="PATH",
                        help="a GGUF file, a Hugging Face model folder (config.json, *.safetensors, "
-                            "tokenizer.json), a Meta folder (params.json, consolidated.*.pth, tokenizer.model), "
-                            "or, with --shapes-only, a config.json / params.json alone or a preset: "
-                            f"{', '.join(PRESETS)} (default: the embedded SmolLM2-135M-Instruct)")
+                            "tokenizer.json), a Meta folder (params.json, consolidated.*.pth, tokenizer.model)" +
+                            (", or, with --shapes-only, a config.json / params.json alone or a preset: "
+                             f"{', '.join(PRESETS)}" if inference else "") +
+                            " (default: the embedded SmolLM2-135M-Instruct)")
     if inference:
         model.add_argument("--shapes-only", action="store_true",
                            help="read no weights: run the stages on torch's meta device, which computes every "
@@ -98,7 +99,8 @@ def _add_model_options(command: argparse.ArgumentParser, inference: bool = True)
                        help="where to run (default auto: CUDA when there is a GPU)")
     model.add_argument("--dtype", choices=tuple(DTYPES),
                        help="the weights' and activations' dtype (default float32, bfloat16 for the presets; "
-                            "softmax and logits are always float32)")
+                            "softmax and logits are always float32)" if inference else
+                            "training runs in float32 only (the default): AdamW's updates vanish in the others")
     if inference:
         _add_impl_option(model)
     return model
@@ -117,7 +119,7 @@ PLOT_HELP = "also save a matplotlib figure of the stage (needs --stage) to FILE 
 
 
 def _add_view_options(command: argparse.ArgumentParser, step_help: str = STEP_HELP, plot_help: str = PLOT_HELP,
-                      ranks: bool = True) -> None:
+                      ranks: bool = True) -> argparse._ArgumentGroup:
     show = command.add_argument_group("what to show")
     show.add_argument("--stage", type=_stage_number, metavar="N", help="show stage N (1-19) in detail")
     show.add_argument("--layer", type=_count(0), default=0, metavar="L", help="transformer block to show (default 0)")
@@ -132,8 +134,15 @@ def _add_view_options(command: argparse.ArgumentParser, step_help: str = STEP_HE
                            "shapes to FILE (.svg, .png, .pdf or .dot)")
     show.add_argument("--plot", metavar="FILE", type=Path, help=plot_help)
     show.add_argument("--head", type=_count(0), default=0, metavar="H",
-                      help="the query head that --plot and the terminal heatmap show (default 0; with --tp, one of the shown rank's own heads, numbered from 0)")
+                      help="the query head that --plot and the terminal heatmap show (default 0" +
+                           ("; with --tp, one of the shown rank's own heads, numbered from 0)" if ranks else ")"))
     show.add_argument("--force", action="store_true", help="overwrite output files that exist already")
+    return show
+
+
+def _add_weight_option(group, of_training: str = "") -> None:
+    group.add_argument("--weight", choices=[name for _, name in LAYER_WEIGHTS], default="wq",
+                       help=f"{of_training}the weight whose update --plot shows, of --layer (default wq)")
 
 
 def _add_capture_options(command: argparse.ArgumentParser, budget_note: str = "") -> argparse._ArgumentGroup:
@@ -151,13 +160,11 @@ def _add_capture_options(command: argparse.ArgumentParser, budget_note: str = ""
     return capture
 
 
-def _command(subcommands, parser: argparse.ArgumentParser, name: str, summary: str, description: str,
+def _command(subcommands, name: str, summary: str, description: str,
              **kw) -> argparse.ArgumentParser:
-    """A sub-command whose argument errors are one line, like the main parser's."""
-    command = subcommands.add_parser(name, help=summary, description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
-    command.error = parser.error
-    return command
+    """A sub-command (a Parser: its argument errors are one line, which points to its own --help)."""
+    return subcommands.add_parser(name, help=summary, description=description,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,9 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                     description="Trace a real LLaMA-architecture model through the 19 stages of the\n"
                                 "\"LLaMA Nuts and Bolts\" diagrams and show every tensor it computes.",
                     epilog=EXAMPLES)
-    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
-    run = _command(subcommands, parser, "run", "generate from a prompt and show its stages",
+    run = _command(subcommands, "run", "generate from a prompt and show its stages",
                    "Generate from PROMPT with the model, recording every stage; then\n"
                    "show the shapes of all 19 stages, or one stage in detail.", epilog=EXAMPLES)
     run.add_argument("prompt", nargs="?", help="the text to start from (wrapped in the chat template unless --raw)")
@@ -201,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the system prompt, where the model's chat format has one (e.g. \"You are Einstein\")")
 
     diagram = _command(
-        subcommands, parser, "diagram", "draw the stages with graphviz",
+        subcommands, "diagram", "draw the stages with graphviz",
         f"Draw the complete model, or one stage, as in the \"LLaMA Nuts and Bolts\" diagrams,\n"
         f"with the dtypes and shapes of a real run of {DEFAULT_PROMPT!r} (or symbolic shapes\n"
         f"only, with --symbolic). For another prompt: run \"PROMPT\" --stage N --diagram FILE.")
@@ -216,12 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
     diagram.add_argument("--force", action="store_true", help="overwrite files that exist already")
     _add_model_options(diagram)
 
-    show = _command(subcommands, parser, "show", "show a saved trace, as run showed it",
-                    "Show a trace saved with run --save, exactly as run showed it, without the model.")
+    show = _command(subcommands, "show", "show a saved trace, as run or train showed it",
+                    "Show a trace saved with run --save or train --save, exactly as it was shown\n"
+                    "when it ran, without the model.")
     show.add_argument("file", type=Path, help="a trace file")
-    _add_view_options(show)
+    _add_weight_option(_add_view_options(show, step_help=STEP_HELP[:-len(" (default 0)")] + "; of a training "
+                                         "trace, the training step (default 0)",
+                                         plot_help=PLOT_HELP.replace("(needs --stage)", "(needs --stage, "
+                                                                     "except of a training trace)")),
+                       "of a training trace: ")
 
-    diff = _command(subcommands, parser, "diff", "compare two saved traces stage by stage",
+    diff = _command(subcommands, "diff", "compare two saved traces stage by stage",
                     "Compare two saved traces stage by stage: shapes, dtypes, and the\n"
                     "largest difference of the values where both kept them.")
     diff.add_argument("a", type=Path, help="a trace file")
@@ -232,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--rank", type=_count(0, MAX_RANKS - 1), default=0, metavar="R",
                       help="of a tensor-parallel trace (run --tp N): the rank to compare (default 0)")
 
-    train = _command(subcommands, parser, "train", "trace training steps: the loss, gradients and AdamW",
+    train = _command(subcommands, "train", "trace training steps: the loss, gradients and AdamW",
                      "Train the model for a few steps on a text and record every stage of each\n"
                      "step: the batch cut from the text, the forward pass with its batch dimension\n"
                      "(no KV cache), the loss, the gradient of every tensor and weight, and AdamW's\n"
@@ -240,11 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
                      epilog=TRAIN_EXAMPLES)
     train.add_argument("text", nargs="?", type=Path, metavar="TEXT_FILE",
                        help="a UTF-8 text to learn from (default: a short text that ships with the project)")
-    _add_view_options(train, step_help="the training step to show (default 0)", plot_help="also save a figure to FILE (.png, .svg or .pdf): the loss over the "
-                                       "steps, the gradient norms by layer and stage, and --weight's update; "
-                                       "with --stage, the stage's tensor beside its gradient", ranks=False)
-    train.add_argument("--weight", choices=[name for _, name in LAYER_WEIGHTS], default="wq",
-                       help="the weight whose update --plot shows, of --layer (default wq)")
+    _add_weight_option(_add_view_options(
+        train, step_help="the training step to show (default 0)", ranks=False,
+        plot_help="also save a figure to FILE (.png, .svg or .pdf): the loss over the steps, the gradient norms by "
+                  "layer and stage, and --weight's update; with --stage, the stage's tensor beside its gradient"))
     learning = train.add_argument_group("training")
     learning.add_argument("--batch", type=_count(1, 1024), default=2, metavar="B", help="sequences per step (default 2)")
     learning.add_argument("--seq", type=_count(1, 1 << 16), default=64, metavar="T",
@@ -262,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(train, inference=False)
     train.set_defaults(shapes_only=False, impl="plain", rank=0)
 
-    stages_cmd = _command(subcommands, parser, "stages", "list the 19 stages",
+    stages_cmd = _command(subcommands, "stages", "list the 19 stages",
                           "The 19 stages of the diagrams, and the letters their shapes use.")
     stages_cmd.add_argument("--json", action="store_true", help="as JSON")
     _add_impl_option(stages_cmd)
@@ -285,6 +296,13 @@ def _text_arguments_are_text(argv: list[str]) -> None:
         except UnicodeEncodeError:
             raise UserError(f"an argument is not valid UTF-8 text: {value.encode('utf-8', 'replace').decode()!r}") \
                 from None
+
+
+def _out_of_memory(e: RuntimeError) -> bool:
+    """Whether torch failed to allocate (torch.OutOfMemoryError on CUDA, a plain RuntimeError on the CPU)."""
+    text = str(e)
+    return (type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in text
+            or "not enough memory" in text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,8 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130
-    except MemoryError:
-        err.print("error: out of memory (try a shorter prompt, fewer new tokens or a smaller --capture)")
+    except (MemoryError, RuntimeError) as e:  # torch's allocators say it as a RuntimeError
+        if isinstance(e, RuntimeError) and not _out_of_memory(e):
+            raise
+        smaller = ("a smaller --batch or --seq" if args.command == "train"
+                   else "a shorter prompt, fewer new tokens")
+        err.print(f"error: out of memory (try {smaller} or a smaller --capture)", markup=False)
         return 1
     finally:
         if in_main_thread:

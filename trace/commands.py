@@ -7,15 +7,16 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from stages import PIPELINES, PLAIN, PRESETS, Sampling, UserError, check_length, load_model, tokenize
+from stages import PIPELINES, NoWeightsError, PLAIN, PRESETS, Sampling, UserError, check_length, load_model, tokenize
 from stages.presets import DTYPE as PRESET_DTYPE
 from stages.model import Model, resolve_device
 from stages.pipelines import N_STAGES, TENSOR_PARALLEL
 from stages.tensor_parallel import Shard, check_divisible, shard_weights
 from stages.training import TrainingSetup
+from stages.training_stages import check_has_gradient
 
 from . import ranks
-from .budget import estimate_bytes, memory_needs
+from .budget import estimate_bytes, free_bytes, memory_needs, training_bytes
 from .compare import diff_table
 from .diagram import FORMATS, drawing, packing_diagram, render
 from .export import stages_to_json, trace_to_json
@@ -25,6 +26,7 @@ from .run import Trace, traced_run
 from .tables import model_line, packing_table, shapes_table, stage_detail, stages_table
 from .tracefile import load_trace, save_trace
 from .training_run import read_training_text, traced_training
+from .values import counted
 
 DEFAULT_PROMPT = "What is the capital of France?"
 
@@ -61,15 +63,15 @@ def _output_format(path: Path, force: bool, formats: tuple[str, ...] = FORMATS) 
     return fmt
 
 
-def _check_view(args, config, n_steps: int | None = None) -> None:
-    """The shown layer, head and step exist."""
+def _check_view(args, config, n_steps: int | None = None, training: bool = False) -> None:
+    """The shown layer, head and step exist (a trace's `n_steps`: of generation, or of `training`)."""
     if args.layer >= config.n_layers:
         raise UserError(f"--layer {args.layer} does not exist: this model has layers 0-{config.n_layers - 1}")
     if getattr(args, "head", 0) >= config.n_heads:
         raise UserError(f"--head {args.head} does not exist: this model has query heads 0-{config.n_heads - 1}")
     if n_steps is not None and args.step >= n_steps:
-        raise UserError(f"--step {args.step} does not exist: generation stopped after {n_steps} steps "
-                        f"(0-{n_steps - 1})")
+        what = "the trace holds" if training else "generation stopped after"
+        raise UserError(f"--step {args.step} does not exist: {what} {counted(n_steps, 'step')} (0-{n_steps - 1})")
 
 
 def _capture(args, steps: int, steps_flag: str) -> Capture:
@@ -147,12 +149,15 @@ def _show(trace: Trace, args, out: Console, err: Console, needs: dict[str, int] 
         _say(out, _needs_line(trace, needs, args.max_new_tokens), style="none")
     elif trace.training is not None:
         setup, steps = trace.training.setup, trace.training.steps
-        _say(out, f"{len(steps)} training steps of B={setup.batch} × T={setup.seq} tokens from a "
+        _say(out, f"{counted(len(steps), 'training step')} of B={setup.batch} × T={setup.seq} tokens from a "
                   f"{len(trace.prompt_ids)}-token text in {trace.seconds:.2f} s · AdamW lr {setup.lr:g}, weight decay "
                   f"{setup.weight_decay:g}, " + (f"gradients clipped to norm {setup.clip:g}" if setup.clip else "no clipping"))
         _say(out, "loss by step: " + " → ".join(f"{s.loss:.4f}" for s in steps), style="bold")
+        if len(steps) > 1 and not setup.same_batch:
+            _say(out, "(each step reads the next batch of the text, so the losses are of different batches; with "
+                      "--same-batch every step reads the first, and its loss falls as the model learns it)")
     else:
-        _say(out, f"{len(trace.new_ids)} new tokens from a {len(trace.prompt_ids)}-token prompt in "
+        _say(out, f"{counted(len(trace.new_ids), 'new token')} from a {len(trace.prompt_ids)}-token prompt in "
                   f"{trace.seconds:.2f} s")
     _say(out, model_line(trace))
     if trace.rank is not None:
@@ -173,6 +178,14 @@ def _check_outputs(args, training: bool = False) -> None:
     trace's --plot has a figure without --stage."""
     if args.plot and not args.stage and not training:
         raise UserError("--plot needs --stage N: say which stage to plot")
+    if args.plot and args.stage and training:
+        check_has_gradient(args.stage)
+    named = [(flag, path.resolve()) for flag, path in (("--diagram", args.diagram), ("--plot", args.plot),
+                                                        ("--save", getattr(args, "save", None))) if path]
+    for i, (flag, path) in enumerate(named):
+        for other, same in named[i + 1:]:
+            if path == same:
+                raise UserError(f"{flag} and {other} name the same file, {path}: give each its own")
     if args.diagram:
         _output_format(args.diagram, args.force)
     if args.plot:
@@ -195,8 +208,7 @@ def _check_shapes_only(args) -> None:
 
 
 def _shapes_only_needs(trace: Trace, max_new_tokens: int, model) -> dict[str, int]:
-    tied = model.weights.output is model.weights.tok_embeddings
-    return memory_needs(trace.config, len(trace.prompt_ids), max_new_tokens, model.dtype, tied)
+    return memory_needs(trace.config, len(trace.prompt_ids), max_new_tokens, model.dtype, model.weights.tied)
 
 
 def _needs_line(trace: Trace, need: dict[str, int], max_new_tokens: int) -> str:
@@ -327,10 +339,18 @@ def cmd_train(args, out: Console, err: Console) -> int:
     capture = _capture(args, args.steps, "--steps")
     setup = TrainingSetup(batch=args.batch, seq=args.seq, steps=args.steps, lr=args.lr,
                           weight_decay=args.weight_decay, clip=args.clip or None, same_batch=args.same_batch)
+    if args.dtype not in (None, "float32"):
+        raise UserError(f"train keeps its weights in float32: in {args.dtype} AdamW's small updates are lost "
+                        f"(and in float16 its second moments underflow)")
     text = read_training_text(args.text)
-    model = _load(args, err)
+    try:
+        model = _load(args, err)
+    except NoWeightsError:
+        raise UserError(f"training needs a model's weights, and {args.model} has shapes only: give a GGUF file or "
+                        f"a model folder with weights") from None
     _check_view(args, model.config)
     _check_capture_layers(capture, model.config)
+    _check_training_fits(model, setup)
     with Progress(TextColumn("Training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                   console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("", total=args.steps)
@@ -344,10 +364,19 @@ def cmd_train(args, out: Console, err: Console) -> int:
     return 0
 
 
+def _check_training_fits(model: Model, setup: TrainingSetup) -> None:
+    setup.check_fits(model.config.max_seq_len)
+    need = training_bytes(model.config, setup.batch, setup.seq, model.weights.tied)
+    free = free_bytes(model.device)
+    if free is not None and need > free:
+        raise UserError(f"a training step of --batch {setup.batch} × --seq {setup.seq} tokens needs about "
+                        f"{need / 2**30:.1f} GiB and {free / 2**30:.1f} GiB is free: a smaller --batch or --seq")
+
+
 def cmd_show(args, out: Console, err: Console) -> int:
     trace = load_trace(args.file)
     _check_outputs(args, training=trace.training is not None)
-    _check_view(args, trace.config, trace.n_steps)
+    _check_view(args, trace.config, trace.n_steps, trace.training is not None)
     trace.of_rank(args.rank)  # the rank exists
     if trace.ranks > 1:
         _check_rank_head(args, trace.config, trace.ranks)
@@ -360,7 +389,7 @@ def cmd_show(args, out: Console, err: Console) -> int:
 def cmd_diff(args, out: Console, err: Console) -> int:
     a, b = load_trace(args.a), load_trace(args.b)
     for trace in (a, b):
-        _check_view(args, trace.config, trace.n_steps)
+        _check_view(args, trace.config, trace.n_steps, trace.training is not None)
     # A tensor-parallel trace is compared as one rank saw it: its slices, partial sums and collectives' results.
     a, b = (t.of_rank(args.rank) if t.ranks > 1 else t for t in (a, b))
     out.print(diff_table(a, b, args.step, args.layer, args.stage, names=(args.a.name, args.b.name)))

@@ -9,7 +9,9 @@ from stages.rope import reorder
 
 from .recorder import TensorRecord
 from .run import Trace
-from .values import number
+from .values import counted, number
+
+CORNER = "⌜"  # marks a difference of the kept corners only
 
 
 def _shape(shape) -> str:
@@ -39,7 +41,8 @@ def _difference(a: Trace, b: Trace, ra: TensorRecord, rb: TensorRecord) -> Text:
     if va.shape != vb.shape or ra.shape != rb.shape:  # (weights keep a corner: the same corner of other shapes)
         return Text("shapes differ", style="yellow")
     worst = _largest_difference(va, vb)
-    return Text(number(worst, 3) + (" ↺" if reordered else ""), style="green" if worst == 0 else "")
+    corner = f" {CORNER}" if tuple(va.shape) != tuple(ra.shape) else ""
+    return Text(number(worst, 3) + (" ↺" if reordered else "") + corner, style="green" if worst == 0 else "")
 
 
 def diff_table(a: Trace, b: Trace, step: int, layer: int, stage: int | None, names: tuple[str, str]) -> Group:
@@ -50,7 +53,7 @@ def diff_table(a: Trace, b: Trace, step: int, layer: int, stage: int | None, nam
         how = f"--impl {trace.pipeline}" if trace.ranks == 1 else f"--tp {trace.ranks}, rank {trace.rank}"
         if trace.training is not None:  # (the text may be long: its size, and what the steps did)
             setup, steps = trace.training.setup, trace.training.steps
-            how = (f"train: {len(steps)} steps of B={setup.batch} × T={setup.seq} from a {len(trace.prompt_ids)}-token "
+            how = (f"train: {counted(len(steps), 'step')} of B={setup.batch} × T={setup.seq} from a {len(trace.prompt_ids)}-token "
                    f"text, lr {setup.lr:g} · loss " + " → ".join(f"{s.loss:.4f}" for s in steps))
             header.append(f"{label}: {trace.model_name} · {trace.device} {trace.dtype} · {how}\n")
             continue
@@ -63,6 +66,7 @@ def diff_table(a: Trace, b: Trace, step: int, layer: int, stage: int | None, nam
         table.add_column(column, justify="right" if column in ("#", "max |A-B|") else "left")
     records_a = {(r.stage, r.name): r for r in a.select(step, layer)}
     records_b = {(r.stage, r.name): r for r in b.select(step, layer)}
+    corners = False  # whether a difference is of kept corners
     for key in dict.fromkeys(sorted([*records_a, *records_b], key=lambda k: k[0])):
         if stage is not None and key[0] != stage:
             continue
@@ -72,10 +76,18 @@ def diff_table(a: Trace, b: Trace, step: int, layer: int, stage: int | None, nam
             table.add_row(str(key[0]), Text(key[1]), _shape(ra.shape) if ra else "", _shape(rb.shape) if rb else "",
                           Text(only.dtype), Text(f"only in {'A' if ra else 'B'}", style="yellow"))
             continue
+        difference = _difference(a, b, ra, rb)
+        corners = corners or difference.plain.endswith(CORNER)
         table.add_row(str(key[0]), Text(ra.name), _shape(ra.shape), _shape(rb.shape),
-                      Text(ra.dtype if ra.dtype == rb.dtype else f"{ra.dtype}/{rb.dtype}"), _difference(a, b, ra, rb))
+                      Text(ra.dtype if ra.dtype == rb.dtype else f"{ra.dtype}/{rb.dtype}"), difference)
+    captions = []
     if PIPELINES[a.pipeline].rope_layout != PIPELINES[b.pipeline].rope_layout:
-        table.caption = Text("↺ B's query and key numbers put in A's RoPE layout (interleaved pairs ↔ rotate-half "
-                             "halves) before comparing: the same numbers, in another order", style="dim")
+        captions.append("↺ B's query and key numbers put in A's RoPE layout (interleaved pairs ↔ rotate-half "
+                        "halves) before comparing: the same numbers, in another order")
+    if corners:
+        captions.append(f"{CORNER} of the kept corner only: weights keep their first rows and columns, and a training "
+                        "trace's gradients and updates of weights their first 64 × 64")
+    if captions:
+        table.caption = Text("\n".join(captions), style="dim")
         table.caption_justify = "left"
     return Group(header, table)

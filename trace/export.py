@@ -3,6 +3,7 @@ from dataclasses import asdict
 
 from stages.pipelines import PLAIN, Pipeline
 from stages.tensor_parallel import SPLIT_DIM
+from stages.training_stages import TRAINING_ROLES
 
 from .recorder import TensorRecord
 from .run import Trace
@@ -12,6 +13,8 @@ from .values import json_number, preview
 def _tensor(r: TensorRecord, with_values: bool) -> dict:
     out = {"name": r.name, "role": r.role, "dtype": r.dtype, "symbolic_shape": r.symbolic, "shape": list(r.shape),
            "stats": {k: json_number(v) for k, v in (r.stats or {}).items()}}
+    if r.role in TRAINING_ROLES:  # a gradient's or an update's size, as the tables show it
+        out["norm"] = json_number(r.norm) if r.norm is not None else None
     if with_values and (corner := preview(r)) is not None:
         index, rows = corner
         out["preview"] = {"index": index, "values": [[json_number(v) for v in row] for row in rows]}
@@ -37,7 +40,7 @@ def trace_to_json(trace: Trace, step: int, layer: int, stage: int | None) -> dic
     P, T = trace.positions(step)
     chosen = [trace.stage(stage)] if stage else trace.stages
     records = trace.select(step, layer)
-    return {
+    answer = {
         "model": {"name": trace.model_name, "config": asdict(trace.config), "device": trace.device,
                   "dtype": trace.dtype, "source": trace.source},
         "implementation": trace.pipeline, "shapes_only": trace.shapes_only, "prompt": trace.prompt, "chat_template": trace.chat, "sampling": asdict(trace.sampling),
@@ -52,6 +55,11 @@ def trace_to_json(trace: Trace, step: int, layer: int, stage: int | None) -> dic
                     "tensors": [_tensor(r, with_values=stage is not None)
                                 for r in records if r.stage == s.number]} for s in chosen],
     }
+    if trace.training is not None:  # no prompt, no generation: the text trained on
+        for key in ("prompt", "chat_template", "sampling", "generated_ids", "P", "T", "tensor_parallel"):
+            del answer[key]
+        answer["text"], answer["token_ids"] = trace.prompt, answer.pop("prompt_ids")
+    return answer
 
 
 def stages_to_json(pipeline: Pipeline = PLAIN) -> list[dict]:

@@ -225,14 +225,14 @@ class Recorder:
         self.step: int | None = None
         self.layer: int | None = None
         self.kept_bytes = 0
-        self.budget_hit_at: tuple[int | None, int | None] | None = None  # (step, layer) where values stopped
+        self.budget_hit_at: TensorRecord | None = None  # the first record that kept no values for it
         self._kept_storages: set[int] = set()
         # Statistics of one place in the run (a step and layer), by the memory they describe:
         # computed (tensor, statistics), or waiting for one batched pass (tensor, records).
         self._sums_here: dict[tuple, tuple[torch.Tensor, Sums]] = {}
         self._pending: dict[tuple, tuple[torch.Tensor, list[TensorRecord]]] = {}
         self._pending_numel = 0  # the elements waiting: they hold memory, so they are bounded
-        self._converted: dict[tuple, torch.Tensor] = {}
+        self._converted: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (memory, converted)
         self._rules_here: tuple[Rule, ...] = capture.rules  # the rules that can match this step and layer
         self._keeps_here: dict[int, bool] = {}  # stage -> whether its values are kept at this step and layer
         self._specs: dict[tuple, TensorSpec | None] = {}
@@ -292,19 +292,20 @@ class Recorder:
             record._sums = _sums(tensor)
             self._sums_here[key] = (tensor, record._sums)
 
-    def _keep(self, tensor: torch.Tensor, copy: bool, role: str) -> torch.Tensor | None:
-        if role in CORNERED:
-            rows, cols = WEIGHT_CORNER if role == "weight" else UPDATE_CORNER
-            return (tensor[:rows, :cols] if tensor.dim() == 2 else tensor[:cols]).clone()
-        kept = tensor.clone() if copy else tensor
+    def _keep(self, tensor: torch.Tensor, copy: bool, record: "TensorRecord") -> torch.Tensor | None:
         store = self.capture.store_dtype
-        if store is not None and kept.is_floating_point() and kept.dtype != store:
-            kept = self._smaller(kept, store)
+        if record.role in CORNERED:
+            rows, cols = WEIGHT_CORNER if record.role == "weight" else UPDATE_CORNER
+            kept = (tensor[:rows, :cols] if tensor.dim() == 2 else tensor[:cols]).clone()
+        elif store is None or not tensor.is_floating_point() or tensor.dtype == store:
+            kept = tensor.clone() if copy else tensor
+        else:  # (a copy is converted on its own: it shares memory with nothing else kept)
+            kept = tensor.to(store) if copy else self._smaller(tensor, store)
         storage = kept.untyped_storage().data_ptr()  # pairs and their complex view share memory
         if storage not in self._kept_storages:
             size = kept.untyped_storage().nbytes()
             if self.capture.max_bytes is not None and self.kept_bytes + size > self.capture.max_bytes:
-                self.budget_hit_at = self.budget_hit_at or (self.step, self.layer)
+                self.budget_hit_at = self.budget_hit_at or record  # (a gradient's: where it was asked for)
                 return None
             self._kept_storages.add(storage)
             self.kept_bytes += size
@@ -312,13 +313,14 @@ class Recorder:
 
     def _smaller(self, tensor: torch.Tensor, store: torch.dtype) -> torch.Tensor:
         """`tensor` in `store` dtype. Views of one piece of memory stay views of one converted
-        copy (made once per step and layer, since the cache is written between steps)."""
+        copy (made once per step and layer, since the cache is written between steps). The cache
+        holds the memory it converted, so that no other tensor can be given it meanwhile."""
         key = (tensor.untyped_storage().data_ptr(), tensor.dtype)
         if key not in self._converted:
             whole = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
             whole.set_(tensor.untyped_storage(), 0, (tensor.untyped_storage().nbytes() // tensor.itemsize,))
-            self._converted[key] = whole.to(store)
-        return self._converted[key].as_strided(tensor.shape, tensor.stride(), tensor.storage_offset())
+            self._converted[key] = (whole, whole.to(store))
+        return self._converted[key][1].as_strided(tensor.shape, tensor.stride(), tensor.storage_offset())
 
     def _spec(self, stage: int, name: str, required: bool = True) -> TensorSpec | None:
         if (stage, name) not in self._specs:  # a name missing from the registry is a bug: fail loudly
@@ -364,7 +366,7 @@ class Recorder:
                 self._ask_for_gradient(stage, name, tensor, shape, keeps)
             tensor = tensor.detach()
         if keeps:
-            record._values = self._keep(tensor, copy, spec.role)
+            record._values = self._keep(tensor, copy, record)
         # Values kept exactly give their statistics later, when asked for: the run stays fast.
         if not cornered and (record._values is None or record._values.dtype != tensor.dtype):
             self._statistics(tensor, record, now=copy)  # memory written in place later: summarised now
@@ -390,5 +392,5 @@ class Recorder:
             record._sums = sums
             if keeps:  # (autograd may add into this tensor later: a copy is kept)
                 # (a repeated view's gradient is whole: put in the shape the diagram shows)
-                kept = kept if kept is not None else self._keep(grad.reshape(record.shape), True, GRAD)
+                kept = kept if kept is not None else self._keep(grad.reshape(record.shape), True, record)
                 record._values = kept

@@ -16,6 +16,7 @@ from stages.tensor_ids import NEXT_TOKEN_PROBS
 from stages.training import StepResult, TrainingSetup
 
 from .recorder import Capture, Recorder, TensorRecord, dtype_name
+from .values import counted
 
 TOP_PIECES = 20  # for each step, the text of this many most likely next tokens is kept too
 
@@ -99,16 +100,17 @@ class Trace:
     def piece(self, token_id: int) -> str:
         return self.pieces.get(token_id, f"<{token_id}>")
 
-    def describe(self, step: int, layer: int) -> str:
+    def describe(self, step: int, layer: int | None) -> str:
+        """Where in the run: the step, and the layer (None: of a stage outside the blocks)."""
+        of_layer = f" · layer {layer} of 0..{self.config.n_layers - 1}" if layer is not None else ""
         if self.training is not None:
             setup, result = self.training.setup, self.training.steps[step]
-            return (f"training step {step} of 0..{self.n_steps - 1} (B={setup.batch} rows of T={setup.seq} tokens "
-                    f"from token {result.offset}, loss {result.loss:.4f}) · layer {layer} of 0..{self.config.n_layers - 1}")
+            return (f"training step {step} of 0..{self.n_steps - 1} (B={counted(setup.batch, 'row')} of "
+                    f"T={setup.seq} tokens from token {result.offset}, loss {result.loss:.4f}){of_layer}")
         P, T = self.positions(step)
         kind = "prompt" if step == 0 else f"decode, feeds generated token {step}"
-        last_layer = self.config.n_layers - 1
         rank = f" · rank {self.rank} of {self.ranks}" if self.rank is not None and self.ranks > 1 else ""
-        return f"step {step} of 0..{self.n_steps - 1} ({kind}: P={P}, T={T}) · layer {layer} of 0..{last_layer}{rank}"
+        return f"step {step} of 0..{self.n_steps - 1} ({kind}: P={P}, T={T}){of_layer}{rank}"
 
     def record(self, stage: int, name: str, step: int = 0, layer: int = 0) -> TensorRecord:
         """One record: `name` of `stage` at `step` and `layer` (ignored where the stage runs once)."""
@@ -165,9 +167,10 @@ def capture_notes(recorder: Recorder, model: Model) -> list[str]:
     """What the user must know of how the values were kept."""
     notes, capture = [], recorder.capture
     if recorder.budget_hit_at:
-        step, layer = recorder.budget_hit_at
-        notes.append(f"the trace budget of {capture.max_bytes / 2**20:.0f} MB was reached at step {step}, "
-                     f"layer {layer}: from there on, tensors kept their statistics only")
+        r = recorder.budget_hit_at
+        where = ("the start" if r.step is None else f"step {r.step}") + (f", layer {r.layer}" if r.layer is not None else "")
+        notes.append(f"the trace budget of {capture.max_bytes / 2**20:.0f} MB was reached at {where} (stage {r.stage} "
+                     f"{r.name}): from there on, tensors kept their statistics only")
     if capture.store_dtype is not None:
         notes.append(f"values are stored as {dtype_name(capture.store_dtype)} (the model computed in "
                      f"{dtype_name(model.dtype)}); statistics are from the full values")

@@ -21,6 +21,7 @@ ROLE_STYLE = {"in": "cyan", "weight": "magenta", "aux": "yellow", "mid": "defaul
 ROLE_LEGEND = Text.assemble("tensors: ", ("in", "cyan"), " · ", ("weight", "magenta"), " · ",
                             ("aux (made for this step)", "yellow"), " · intermediate · ", ("out", "green"))
 BACKWARD = frozenset({GRAD, WEIGHT_GRAD})  # what the backward pass adds to a training step's records
+SHOWN_PIECES = 200  # of the tokens a stage-1 table lists (a training text has thousands)
 
 
 def stages_table(pipeline: Pipeline = PLAIN) -> Group:
@@ -123,17 +124,26 @@ def _stats_table(title: str | None, records: list[TensorRecord], norm: bool = Fa
     return stats
 
 
-def _preview(r: TensorRecord) -> Group | None:
-    corner = preview(r)
-    if corner is None:
-        return None
-    index, rows = corner
-    table = Table(show_header=False, box=None, padding=(0, 1))
-    for _ in rows[0]:
-        table.add_column(justify="right")
-    for row in rows:
-        table.add_row(*(number(v) for v in row))
-    return Group(Text.assemble((r.name, ROLE_STYLE[r.role]), f"{index} of {_shape(r.shape)}"), table)
+class _Preview:
+    """A corner of a record's values, with as many columns as the terminal has room for (a number is
+    never cut: a narrow terminal shows fewer of them, and the index above says which)."""
+
+    def __init__(self, record: TensorRecord):
+        self.record = record
+
+    def __rich_console__(self, console, options):
+        index, rows = preview(self.record)
+        widths = [max(len(number(row[j])) for row in rows) + 2 for j in range(len(rows[0]))]  # (padding 1 a side)
+        fits = max(1, sum(1 for end in range(1, len(widths) + 1) if sum(widths[:end]) <= options.max_width))
+        if fits < len(widths):
+            index, rows = preview(self.record, fits)
+        table = Table(show_header=False, box=None, padding=(0, 1))
+        for _ in rows[0]:
+            table.add_column(justify="right", no_wrap=True)
+        for row in rows:
+            table.add_row(*(number(v) for v in row))
+        yield Text.assemble((self.record.name, ROLE_STYLE[self.record.role]), f"{index} of {_shape(self.record.shape)}")
+        yield table
 
 
 def _heatmap(trace: Trace, s, records: list[TensorRecord], head: int):
@@ -151,7 +161,7 @@ def stage_detail(trace: Trace, number_: int, step: int, layer: int, head: int = 
     s = trace.stage(number_)
     records = trace.select(step, layer, stage=number_)
     header = Panel(Text(s.explanation), title=f"Stage {s.number} · {s.title}", title_align="left",
-                   subtitle=trace.describe(step, layer) if s.scope != "run" else "once per run",
+                   subtitle=trace.describe(step, layer if s.scope == "layer" else None) if s.scope != "run" else "once per run",
                    subtitle_align="left")
     forward = [r for r in records if r.role not in TRAINING_ROLES]
     shapes = _table(None, "tensor", "role", "dtype", "symbolic", "shape")
@@ -160,14 +170,17 @@ def stage_detail(trace: Trace, number_: int, step: int, layer: int, head: int = 
                        _shape(r.shape))
     parts = [header, shapes] if trace.shapes_only else [header, shapes, _stats_table(None, forward)]
     if trace.training is not None:
-        parts += [_stats_table("Backward pass: the gradient of the loss with respect to each tensor",
-                               [r for r in records if r.role in BACKWARD], norm=True),
-                  _stats_table("AdamW: each weight's update (new - old) and the moments it keeps (m, v)",
-                               [r for r in records if r.role == UPDATE], norm=True)]
+        backward, updates = [r for r in records if r.role in BACKWARD], [r for r in records if r.role == UPDATE]
+        if backward:
+            parts.append(_stats_table("Backward pass: the gradient of the loss with respect to each tensor",
+                                      backward, norm=True))
+        if updates:
+            parts.append(_stats_table("AdamW: each weight's update (new - old) and the moments it keeps (m, v)",
+                                      updates, norm=True))
         records = [r for r in records if r.role != UPDATE]  # their pictures: --plot
     if (heatmap := _heatmap(trace, s, records, head)) is not None:
         parts.append(heatmap)
-    previews = [p for p in map(_preview, records) if p is not None]
+    previews = [_Preview(r) for r in records if r.values is not None]
     if previews:
         parts += [Text("Values (a corner of each tensor):", style="bold"), *previews]
     elif records and trace.shapes_only:
@@ -186,5 +199,7 @@ def stage_detail(trace: Trace, number_: int, step: int, layer: int, head: int = 
     if trace.ranks > 1 and (split := split_table(trace, records)) is not None:
         parts.append(split)
     if s.number == 1:
-        parts.append(Text("Pieces: " + " ".join(repr(trace.piece(i)) for i in trace.prompt_ids)))
+        ids = trace.prompt_ids
+        more = f" … and {len(ids) - SHOWN_PIECES} more ({len(ids)} in all)" if len(ids) > SHOWN_PIECES else ""
+        parts.append(Text("Pieces: " + " ".join(repr(trace.piece(i)) for i in ids[:SHOWN_PIECES]) + more))
     return Group(*parts)

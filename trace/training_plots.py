@@ -3,10 +3,11 @@ stage, one weight's update as a heatmap; and for one stage, a tensor beside its 
 import numpy as np
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from stages import UserError
 from stages.training import LAYER_WEIGHTS
-from stages.training_stages import grad_name, update_name
+from stages.training_stages import check_has_gradient, grad_name, update_name
 
 from .plots import DPI, _image, _np, _ticks, _token_label
 from .run import Trace
@@ -47,23 +48,29 @@ def training_figure(trace: Trace, step: int, layer: int, weight: str) -> Figure:
     """The loss and gradient norm over the steps; the gradient norms of step `step` by layer and stage;
     AdamW's update of `weight` in `layer` at that step."""
     log = trace.training
-    fig = _figure(trace, 16, 6, "What changes when the model learns", trace.describe(step, layer))
-    loss_ax, norms_ax, update_ax = fig.subplots(1, 3, width_ratios=(1, 1.2, 1.2))
-    steps = range(len(log.steps))
-    loss_ax.plot(steps, [s.loss for s in log.steps], "o-", color="#c62828", label="loss")
-    loss_ax.set_xlabel("training step")
-    loss_ax.set_ylabel("loss (mean cross-entropy)", color="#c62828")
-    loss_ax.set_xticks(list(steps))
-    norm_ax = loss_ax.twinx()
-    norm_ax.plot(steps, [s.grad_norm for s in log.steps], "s--", color="#1565c0")
-    norm_ax.set_ylabel("gradient norm, before clipping", color="#1565c0")
-    loss_ax.set_title("Loss and gradient norm over the steps", fontsize=10)
+    fig = _figure(trace, 16, 7, "What changes when the model learns", trace.describe(step, layer))
+    grid = fig.add_gridspec(1, 3, width_ratios=(1, 1.2, 1.2))
+    left = grid[0, 0].subgridspec(2, 1)
+    loss_ax = fig.add_subplot(left[0])
+    norm_ax = fig.add_subplot(left[1], sharex=loss_ax)
+    norms_ax, update_ax = fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[0, 2])
+    steps = list(range(len(log.steps)))
+    loss_ax.plot(steps, [s.loss for s in log.steps], "o-", color="#c62828")
+    loss_ax.set_ylabel("loss (mean cross-entropy)")
+    loss_ax.set_title("Loss over the steps" + ("" if log.setup.same_batch else " (each step: the next batch)"),
+                      fontsize=10)
+    norm_ax.plot(steps, [s.grad_norm for s in log.steps], "s-", color="#1565c0")
+    norm_ax.set_ylabel("gradient norm")
+    norm_ax.set_title("Total gradient norm, before clipping" +
+                      (f" (clipped to {log.setup.clip:g})" if log.setup.clip else ""), fontsize=10)
+    norm_ax.set_xlabel("training step")
+    norm_ax.set_xticks(steps)
 
     norms, numbers = grad_norms(trace, step)
     shown = norms[np.isfinite(norms) & (norms > 0)]
     scale = LogNorm(vmin=shown.min(), vmax=shown.max()) if shown.size else None
-    _image(norms_ax, norms, f"‖∂loss/∂‖ at step {step}, by layer and stage", cmap="magma", center=False,
-           norm=scale)
+    _image(norms_ax, norms, f"‖∂loss/∂ each stage's tensor‖ at step {step}, by layer", cmap="magma",
+           center=False, norm=scale)
     norms_ax.set_xticks(range(len(numbers)), [trace.stage(n).short for n in numbers], rotation=90, fontsize=7)
     norms_ax.set_ylabel("layer")
 
@@ -72,10 +79,16 @@ def training_figure(trace: Trace, step: int, layer: int, weight: str) -> Figure:
     if record.values is None:
         raise UserError(f"the trace kept no values of {weight}'s update at step {step}, layer {layer} "
                         f"(train with --step {step} --layer {layer}, or --capture all)")
-    values = record.values if record.values.dim() == 2 else record.values.reshape(1, -1)
-    rows, cols = values.shape
-    _image(update_ax, _np(values), f"{weight}.update = new − old, rows 0-{rows - 1}, columns 0-{cols - 1} "
-                                   f"of {tuple(record.shape)}")
+    title = f"{weight}.update = new − old, layer {layer}"
+    if record.values.dim() == 1:  # a norm's weight: one number per channel
+        values = _np(record.values)
+        update_ax.bar(range(len(values)), values, color=np.where(values < 0, "#1565c0", "#c62828"))
+        update_ax.axhline(0, color="black", linewidth=0.5)
+        update_ax.set_title(f"{title}, elements 0-{len(values) - 1} of {tuple(record.shape)}", fontsize=10)
+        update_ax.set_xlabel("element")
+        return fig
+    rows, cols = record.values.shape
+    _image(update_ax, _np(record.values), f"{title}, rows 0-{rows - 1}, columns 0-{cols - 1} of {tuple(record.shape)}")
     update_ax.set_xlabel("input column")
     update_ax.set_ylabel("output row")
     return fig
@@ -83,20 +96,23 @@ def training_figure(trace: Trace, step: int, layer: int, weight: str) -> Figure:
 
 def training_stage_figure(trace: Trace, stage: int, step: int, layer: int, head: int) -> Figure:
     """A stage's tensor in the forward pass beside ∂loss/∂ it in the backward pass (batch row 0)."""
+    check_has_gradient(stage)
     forward, grad = _gradient_of(trace, stage, step, layer)
-    if forward is None:
-        raise UserError(f"stage {stage} has no gradient to show (its tensors are token ids): try a stage from 4 to 19")
     if forward.values is None or grad.values is None:
         raise UserError(f"the trace kept no values of stage {stage} at step {step}, layer {layer}")
     s = trace.stage(stage)
-    fig = _figure(trace, 16, 7, f"Stage {stage}: {s.title}", trace.describe(step, layer))
+    fig = _figure(trace, 16, 7, f"Stage {stage}: {s.title}", trace.describe(step, layer if s.scope == "layer" else None))
     offset, seq = trace.training.steps[step].offset, trace.training.setup.seq
     tokens = [_token_label(trace.piece(i)) for i in trace.prompt_ids[offset:offset + seq]]
-    for ax, record, title in zip(fig.subplots(1, 2), (forward, grad), ("forward", "backward: ∂loss/∂")):
+    for ax, record, title in zip(fig.subplots(1, 2), (forward, grad), ("forward:", "backward: ∂loss/∂")):
         matrix, rows, cols, what = as_matrix(record, head, trace.config.n_rep)
         if matrix.is_complex():
             matrix = matrix.abs()
-        _image(ax, _np(matrix), f"{title} {record.name} {what}")
+        title = f"{title} {forward.name} {what}"
+        if record is grad and matrix.numel() > 1 and bool((matrix == matrix.flatten()[0]).all()):
+            title += f"\nthe same everywhere: {matrix.flatten()[0].item():.4g}"  # (a mean's: 1/(B·T))
+        _image(ax, _np(matrix), title)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         if rows == "T":
             _ticks(ax, "y", tokens)
         ax.set_ylabel(rows)

@@ -11,6 +11,7 @@ from stages.pipelines import TRAINING
 from stages.training import StepResult, TrainingSetup, train
 from stages.training_text import DEFAULT_TEXT
 
+from .heap import give_back_freed_memory
 from .recorder import Capture, Recorder, dtype_name
 from .run import Trace, TrainingLog, capture_notes
 
@@ -41,10 +42,16 @@ def traced_training(model: Model, text: str, setup: TrainingSetup, capture: Capt
     if model.tokenizer is None:
         raise UserError(f"{model.name} comes without a tokenizer, so it cannot read a training text")
     recorder = Recorder(capture, TRAINING)
+
+    def after_step(step: int, result: StepResult) -> None:
+        give_back_freed_memory()
+        if on_step is not None:
+            on_step(step, result)
+
     started = time.perf_counter()
     with recording(recorder):
         ids = tokenize(model.tokenizer, text, chat=False)  # stage 1
-        steps = train(model, ids, setup, on_step)
+        steps = train(model, ids, setup, after_step)
     seconds = time.perf_counter() - started
     pieces = {i: model.tokenizer.piece(i) for i in set(ids)}
     return Trace(model_name=model.name, config=model.config, device=model.device.type,

@@ -41,8 +41,8 @@ def as_matrix(record: TensorRecord, head: int, n_rep: int) -> tuple[torch.Tensor
     return values, names[0], names[1], f"({', '.join(taken)})" if taken else ""
 
 
-def preview(record: TensorRecord) -> tuple[str, list[list]] | None:
-    """A corner of the tensor as (index expression, rows of Python numbers).
+def preview(record: TensorRecord, max_cols: int | None = None) -> tuple[str, list[list]] | None:
+    """A corner of the tensor as (index expression, rows of Python numbers), at most `max_cols` to a row.
 
     Head dimensions are fixed at head 0 (so that a (T, H, Dh) tensor shows
     tokens by dimensions), then any other dimension beyond the last two at 0.
@@ -63,6 +63,7 @@ def preview(record: TensorRecord) -> tuple[str, list[list]] | None:
     while len(free) > 2:
         index[free.pop(0)] = 0
     cols = (PREVIEW_COLS // 2 if values.is_complex() else PREVIEW_COLS) * (2 if len(free) == 1 else 1)
+    cols = min(cols, max_cols or cols)
     for dim, limit in zip(free, (PREVIEW_ROWS, cols) if len(free) == 2 else (cols,)):
         index[dim] = slice(0, min(limit, values.shape[dim]))
     corner = values[tuple(index)]
@@ -71,6 +72,11 @@ def preview(record: TensorRecord) -> tuple[str, list[list]] | None:
         rows = [[(z.real, z.imag) for z in row] for row in rows]
     text = ", ".join(str(i) if isinstance(i, int) else f":{i.stop}" for i in index)
     return f"[{text}]", rows
+
+
+def counted(n: int, noun: str) -> str:
+    """'1 step', '4 steps'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def number(v, digits: int | None = None) -> str:
