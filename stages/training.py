@@ -69,7 +69,7 @@ def batch_offsets(n_tokens: int, setup: TrainingSetup, context: int) -> list[int
     setup.check_fits(context)
     whole = (n_tokens - 1) // setup.tokens_per_step
     if whole == 0:
-        raise UserError(f"the text has {n_tokens} tokens; --batch {setup.batch} --seq {setup.seq} needs at least "
+        raise UserError(f"the text has {n_tokens} token{'' if n_tokens == 1 else 's'}; --batch {setup.batch} --seq {setup.seq} needs at least "
                         f"B·T+1 = {setup.tokens_per_step + 1} (a longer text, or a smaller batch)")
     return [0 if setup.same_batch else (step % whole) * setup.tokens_per_step for step in range(setup.steps)]
 

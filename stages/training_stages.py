@@ -59,7 +59,7 @@ _CHANGED = {
             ops=(op("copy in", "token ids", "tokens"),)),
     3: dict(short="batch", title="Cutting the batch (in training, in place of looping through sequence length)",
             explanation="No loop over positions: each training step cuts B·T+1 consecutive ids from the stream "
-                        "into B rows of T (the inputs, P = 0) and the same rows shifted by one (the targets: "
+                        "into B rows of T (the inputs: in every row the positions start at P = 0, wherever in the stream the batch was cut) and the same rows shifted by one (the targets: "
                         "position t learns to predict the token at t+1), and runs all B·T positions at once.",
             tensors=(spec_in("tokens", "(N)", 2), spec("out", "tokens[P:P+T]", "(B, T)", "tokens"),
                      spec("out", "targets", "(B, T)", "tokens")),
@@ -74,8 +74,11 @@ _CHANGED = {
              tensors=(spec_in("xk (rotated)", "(T, Hkv, Dh)", 10), spec_in("xv (reshaped)", "(T, Hkv, Dh)", 9)),
              ops=(op("no cache: passed on as keys and values", ("xk (rotated)", "xv (reshaped)"), ()),),
              main="xk (rotated)"),
-    12: dict(explanation=STAGES[11].explanation + " In the backward pass, the gradient of a KV head's keys and "
-                                                   "values is the sum over the H/Hkv query heads that read them.",
+    12: dict(explanation="The keys and values are this batch's own (no cache); each KV head is repeated H/Hkv "
+                         "times so every query head has its keys (grouped-query attention: a view, nothing is "
+                         "copied); then the head dimension is moved in front of the positions. In the backward "
+                         "pass, the gradient of a KV head's keys and values is the sum over the H/Hkv query heads "
+                         "that read them.",
              tensors=tuple(replace(t, sources=(10,) if t.name == "keys" else (9,),
                                    view_of="xk (rotated)" if t.name == "keys" else "xv (reshaped)")
                            if t.name in ("keys", "values") else t for t in STAGES[11].tensors),

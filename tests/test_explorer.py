@@ -11,7 +11,7 @@ def test_each_choice_shows_that_stage_and_its_figure(tiny):
     trace = traced_run(model, "the cat", chat=False, max_new_tokens=3, capture=Capture.everything())
     detail, figure = view(trace, stage=13, step=2, layer=1, head=3, figure=True)
     assert isinstance(detail, Group) and isinstance(figure, Figure)
-    assert "Stage 13" in str(detail.renderables[0].title) and "step 2" in str(detail.renderables[0].subtitle)
+    assert "Stage 13" in str(detail.renderables[0].title) and "step 2" in str(detail.renderables[0].where)
     assert view(trace, stage=4, step=0, layer=0, head=0, figure=False)[0].renderables[0].title.startswith("Stage 4")
 
 

@@ -19,7 +19,7 @@ from trace.tracefile import load_trace, save_trace
 from trace.training_run import traced_training
 from trace.verify import tiny_pair
 
-from .test_cli import cli
+from .test_cli import cli, lines_fit
 
 B, T = 2, 8
 HF_NAMES = {"attention_norm": "input_layernorm", "wq": "self_attn.q_proj", "wk": "self_attn.k_proj",
@@ -246,6 +246,22 @@ def test_train_command_end_to_end(tmp_path, embedded_path):
     not_kept = cli("show", str(saved), "--plot", str(tmp_path / "other.png"), "--step", "1")
     assert not_kept.returncode == 1 and "kept no values of wq's update at step 1" in not_kept.stderr
     assert (tmp_path / "overview.png").read_bytes().startswith(b"\x89PNG")
+    # In 80 columns: nothing cut, the step's loss on the stage's frame, names that differ at their ends whole.
+    narrow = cli("show", str(saved), "--stage", "19", "--step", "1", COLUMNS="80")
+    assert lines_fit(narrow.stdout, 80) and f"loss {losses[1]:.4f})" in narrow.stdout
+    assert "output.exp_avg " in narrow.stdout and "output.exp_avg_sq" in narrow.stdout and "…" not in narrow.stdout
+
+
+def test_the_text_is_never_written_over_and_a_repeated_batch_is_said(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("One short note about the weather, and another about the sea. " * 2)
+    for flag in ("--save", "--plot"):
+        done = cli("train", str(text), flag, str(text), "--force", timeout=120)
+        assert done.returncode == 1 and "which this command reads" in done.stderr, done.stderr
+    assert text.read_text().startswith("One short note")
+    again = cli("train", str(text), "--batch", "1", "--seq", "8", "--steps", "4", timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "from step 3 on they are read again" in " ".join(again.stdout.split())
 
 
 @pytest.mark.parametrize("args, message", [

@@ -18,29 +18,49 @@ from . import commands, ranks
 from .commands import DEFAULT_PROMPT
 
 EXAMPLES = """examples:
-  python -m trace run "What is the capital of France?"            all 19 stages' shapes, prompt step, layer 0
-  python -m trace run "What is the capital of France?" --stage 10  rotary embeddings in detail
-  python -m trace run "Hi" --stage 13 --step 2 --layer 29          scores of the 2nd generated token, last layer
-  python -m trace run "Hi" --stage 13 --plot scores.png --head 4  attention heatmaps of head 4
-  python -m trace run "Hi" --save hi.trace                        keep the whole run in a file
-  python -m trace run "Hi" --model ./Llama-3.2-1B-Instruct        a Hugging Face folder (or GGUF, or Meta's)
-  python -m trace run "Hi" --model llama-3.1-8b --shapes-only     Llama 3.1 8B's shapes, without its weights
-  python -m trace run "Hi" --impl packed --stage 8 --save p.trace  as a serving engine runs it: packed qkv_proj
-  python -m trace diff plain.trace p.trace                        the two implementations, stage by stage
-  python -m trace run "Hi" --tp 3 --stage 14 --rank 1             split over 3 processes: rank 1's heads
-  python -m trace show hi.trace --stage 13                        look at it later, without the model
-  python -m trace diagram --stage 13 -o scores.svg                stage 13 drawn with graphviz
-  python -m trace stages                                          the list of stages
-  python -m trace train --steps 4 --stage 17                      4 traced steps of AdamW: gradients, updates
+  python -m trace run "What is the capital of France?"
+      all 19 stages' shapes, prompt step, layer 0
+  python -m trace run "What is the capital of France?" --stage 10
+      rotary embeddings in detail
+  python -m trace run "Hi" --stage 13 --step 2 --layer 29
+      scores of the 2nd generated token, last layer
+  python -m trace run "Hi" --stage 13 --plot scores.png --head 4
+      attention heatmaps of head 4
+  python -m trace run "Hi" --save hi.trace
+      keep the whole run in a file
+  python -m trace run "Hi" --model ./Llama-3.2-1B-Instruct
+      a Hugging Face folder (or GGUF, or Meta's)
+  python -m trace run "Hi" --model llama-3.1-8b --shapes-only
+      Llama 3.1 8B's shapes, without its weights
+  python -m trace run "Hi" --impl packed --stage 8 --save p.trace
+      as a serving engine runs it: packed qkv_proj
+  python -m trace diff plain.trace p.trace
+      the two implementations, stage by stage
+  python -m trace run "Hi" --tp 3 --stage 14 --rank 1
+      split over 3 processes: rank 1's heads
+  python -m trace show hi.trace --stage 13
+      look at it later, without the model
+  python -m trace diagram --stage 13 -o scores.svg
+      stage 13 drawn with graphviz
+  python -m trace stages
+      the list of stages
+  python -m trace train --steps 4 --stage 17
+      4 traced steps of AdamW: gradients, updates
 """
 
 TRAIN_EXAMPLES = """examples:
-  python -m trace train                                  4 steps on the text that ships with the project
-  python -m trace train notes.txt --batch 4 --seq 32     your text, batches of 4 rows of 32 tokens
-  python -m trace train --stage 13 --layer 3             the scores of layer 3 and their gradient
-  python -m trace train --plot learning.png              loss curve, gradient norms, wq's update
-  python -m trace train --stage 17 --plot ffn.png        the FFN's gate*up beside its gradient
-  python -m trace train --steps 8 --save steps.trace     keep it; then: show steps.trace --stage 19
+  python -m trace train
+      4 steps on the text that ships with the project
+  python -m trace train notes.txt --batch 4 --seq 32
+      your text, batches of 4 rows of 32 tokens
+  python -m trace train --stage 13 --layer 3
+      the scores of layer 3 and their gradient
+  python -m trace train --plot learning.png
+      loss curve, gradient norms, wq's update
+  python -m trace train --stage 17 --plot ffn.png
+      the FFN's gate*up beside its gradient
+  python -m trace train --steps 8 --save steps.trace
+      keep it; then: show steps.trace --stage 19
 """
 
 
@@ -141,8 +161,10 @@ def _add_view_options(command: argparse.ArgumentParser, step_help: str = STEP_HE
 
 
 def _add_weight_option(group, of_training: str = "") -> None:
-    group.add_argument("--weight", choices=[name for _, name in LAYER_WEIGHTS], default="wq",
-                       help=f"{of_training}the weight whose update --plot shows, of --layer (default wq)")
+    names = [name for _, name in LAYER_WEIGHTS]
+    group.add_argument("--weight", choices=names, default="wq", metavar="NAME",
+                       help=f"{of_training}the weight whose update --plot shows, of --layer: "
+                            f"{', '.join(names)} (default wq)")
 
 
 def _add_capture_options(command: argparse.ArgumentParser, budget_note: str = "") -> argparse._ArgumentGroup:
@@ -209,9 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     diagram = _command(
         subcommands, "diagram", "draw the stages with graphviz",
-        f"Draw the complete model, or one stage, as in the \"LLaMA Nuts and Bolts\" diagrams,\n"
-        f"with the dtypes and shapes of a real run of {DEFAULT_PROMPT!r} (or symbolic shapes\n"
-        f"only, with --symbolic). For another prompt: run \"PROMPT\" --stage N --diagram FILE.")
+        f"Draw the complete model, or one stage, as in the \"LLaMA Nuts and Bolts\"\n"
+        f"diagrams, with the dtypes and shapes of a real run of\n"
+        f"{DEFAULT_PROMPT!r} (or symbolic shapes only, with --symbolic).\n"
+        f"For another prompt: run \"PROMPT\" --stage N --diagram FILE.")
     diagram.add_argument("--stage", type=_stage_number, metavar="N", help="draw stage N (default: the complete model)")
     diagram.add_argument("-o", "--output", type=Path, metavar="FILE", help="the drawing (.svg, .png, .pdf or .dot)")
     diagram.add_argument("--all", type=Path, metavar="FOLDER",

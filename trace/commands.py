@@ -153,9 +153,12 @@ def _show(trace: Trace, args, out: Console, err: Console, needs: dict[str, int] 
                   f"{len(trace.prompt_ids)}-token text in {trace.seconds:.2f} s · AdamW lr {setup.lr:g}, weight decay "
                   f"{setup.weight_decay:g}, " + (f"gradients clipped to norm {setup.clip:g}" if setup.clip else "no clipping"))
         _say(out, "loss by step: " + " → ".join(f"{s.loss:.4f}" for s in steps), style="bold")
+        whole = (len(trace.prompt_ids) - 1) // setup.tokens_per_step  # batches in the text
         if len(steps) > 1 and not setup.same_batch:
+            again = (f" The text holds {counted(whole, 'batch')}: from step {whole} on they are read again, and a "
+                     f"falling loss there is partly the model remembering them." if len(steps) > whole else "")
             _say(out, "(each step reads the next batch of the text, so the losses are of different batches; with "
-                      "--same-batch every step reads the first, and its loss falls as the model learns it)")
+                      "--same-batch every step reads the first, and its loss falls as the model learns it)" + again)
     else:
         _say(out, f"{counted(len(trace.new_ids), 'new token')} from a {len(trace.prompt_ids)}-token prompt in "
                   f"{trace.seconds:.2f} s")
@@ -173,8 +176,9 @@ def _show(trace: Trace, args, out: Console, err: Console, needs: dict[str, int] 
               else shapes_table(trace, args.step, args.layer))
 
 
-def _check_outputs(args, training: bool = False) -> None:
-    """Every output file is checked before the model runs: no work is lost to a bad name. A training
+def _check_outputs(args, training: bool = False, inputs: tuple[Path | None, ...] = ()) -> None:
+    """Every output file is checked before the model runs: no work is lost to a bad name, and no file
+    is written over another output or over one of the `inputs` (even with --force). A training
     trace's --plot has a figure without --stage."""
     if args.plot and not args.stage and not training:
         raise UserError("--plot needs --stage N: say which stage to plot")
@@ -186,6 +190,8 @@ def _check_outputs(args, training: bool = False) -> None:
         for other, same in named[i + 1:]:
             if path == same:
                 raise UserError(f"{flag} and {other} name the same file, {path}: give each its own")
+        if any(path == source.resolve() for source in inputs if source is not None):
+            raise UserError(f"{flag} names {path}, which this command reads: give the output another name")
     if args.diagram:
         _output_format(args.diagram, args.force)
     if args.plot:
@@ -335,13 +341,13 @@ def _run(args, out: Console, err: Console, capture: Capture, shard: Shard | None
 def cmd_train(args, out: Console, err: Console) -> int:
     if args.step >= args.steps:
         raise UserError(f"--step {args.step} does not exist: with --steps {args.steps} the steps are 0-{args.steps - 1}")
-    _check_outputs(args, training=True)
+    _check_outputs(args, training=True, inputs=(args.text,))
     capture = _capture(args, args.steps, "--steps")
     setup = TrainingSetup(batch=args.batch, seq=args.seq, steps=args.steps, lr=args.lr,
                           weight_decay=args.weight_decay, clip=args.clip or None, same_batch=args.same_batch)
     if args.dtype not in (None, "float32"):
-        raise UserError(f"train keeps its weights in float32: in {args.dtype} AdamW's small updates are lost "
-                        f"(and in float16 its second moments underflow)")
+        why = "its second moments underflow" if args.dtype == "float16" else "AdamW's small updates are lost"
+        raise UserError(f"train keeps its weights in float32: in {args.dtype} {why}")
     text = read_training_text(args.text)
     try:
         model = _load(args, err)
@@ -375,7 +381,7 @@ def _check_training_fits(model: Model, setup: TrainingSetup) -> None:
 
 def cmd_show(args, out: Console, err: Console) -> int:
     trace = load_trace(args.file)
-    _check_outputs(args, training=trace.training is not None)
+    _check_outputs(args, training=trace.training is not None, inputs=(args.file,))
     _check_view(args, trace.config, trace.n_steps, trace.training is not None)
     trace.of_rank(args.rank)  # the rank exists
     if trace.ranks > 1:

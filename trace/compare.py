@@ -7,15 +7,13 @@ from rich.text import Text
 from stages.pipelines import PIPELINES
 from stages.rope import reorder
 
-from .recorder import TensorRecord
+from .recorder import TensorRecord, dtype_name
 from .run import Trace
-from .values import counted, number
+from .tables import names_whole
+from .values import counted, number, shape_text
 
 CORNER = "⌜"  # marks a difference of the kept corners only
 
-
-def _shape(shape) -> str:
-    return "(" + ", ".join(map(str, shape)) + ")"
 
 
 def _largest_difference(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -51,13 +49,15 @@ def diff_table(a: Trace, b: Trace, step: int, layer: int, stage: int | None, nam
     header = Text()
     for label, trace in zip(names, (a, b), strict=True):
         how = f"--impl {trace.pipeline}" if trace.ranks == 1 else f"--tp {trace.ranks}, rank {trace.rank}"
+        # (values kept rounded: their differences come from that too)
+        kept = f" · values kept in {dtype_name(trace.capture.store_dtype)}" if trace.capture.store_dtype else ""
         if trace.training is not None:  # (the text may be long: its size, and what the steps did)
             setup, steps = trace.training.setup, trace.training.steps
             how = (f"train: {counted(len(steps), 'step')} of B={setup.batch} × T={setup.seq} from a {len(trace.prompt_ids)}-token "
                    f"text, lr {setup.lr:g} · loss " + " → ".join(f"{s.loss:.4f}" for s in steps))
-            header.append(f"{label}: {trace.model_name} · {trace.device} {trace.dtype} · {how}\n")
+            header.append(f"{label}: {trace.model_name} · {trace.device} {trace.dtype}{kept} · {how}\n")
             continue
-        header.append(f"{label}: {trace.model_name} · {trace.device} {trace.dtype} · {how} · "
+        header.append(f"{label}: {trace.model_name} · {trace.device} {trace.dtype}{kept} · {how} · "
                       f"prompt {trace.prompt!r} ({len(trace.prompt_ids)} tokens) → {trace.answer!r}\n")
     same_tokens = a.prompt_ids + a.new_ids == b.prompt_ids + b.new_ids
     header.append("same tokens" if same_tokens else "the tokens differ", style="green" if same_tokens else "yellow")
@@ -73,13 +73,14 @@ def diff_table(a: Trace, b: Trace, step: int, layer: int, stage: int | None, nam
         ra, rb = records_a.get(key), records_b.get(key)
         if ra is None or rb is None:
             only = ra or rb
-            table.add_row(str(key[0]), Text(key[1]), _shape(ra.shape) if ra else "", _shape(rb.shape) if rb else "",
+            table.add_row(str(key[0]), Text(key[1]), shape_text(ra.shape) if ra else "", shape_text(rb.shape) if rb else "",
                           Text(only.dtype), Text(f"only in {'A' if ra else 'B'}", style="yellow"))
             continue
         difference = _difference(a, b, ra, rb)
         corners = corners or difference.plain.endswith(CORNER)
-        table.add_row(str(key[0]), Text(ra.name), _shape(ra.shape), _shape(rb.shape),
+        table.add_row(str(key[0]), Text(ra.name), shape_text(ra.shape), shape_text(rb.shape),
                       Text(ra.dtype if ra.dtype == rb.dtype else f"{ra.dtype}/{rb.dtype}"), difference)
+    names_whole(table, 1)
     captions = []
     if PIPELINES[a.pipeline].rope_layout != PIPELINES[b.pipeline].rope_layout:
         captions.append("↺ B's query and key numbers put in A's RoPE layout (interleaved pairs ↔ rotate-half "

@@ -19,6 +19,7 @@ from stages.training_stages import TRAINING_ROLES
 
 from .recorder import TensorRecord
 from .run import Trace
+from .values import shape_text
 
 FONT = "Helvetica"
 TENSOR_FILL = {"in": "#1b7a3a", "mid": "#1b7a3a", "out": "#1b7a3a", "weight": "#6a3d9a", "aux": "#00737a"}
@@ -58,9 +59,6 @@ class Context:
                     None)
 
 
-def _shape(shape: tuple[int, ...]) -> str:
-    return "(" + ", ".join(map(str, shape)) + ")"
-
 
 def _white(text: str, bold: bool = False) -> str:
     """Text for an HTML-like label cell (graphviz rejects an empty <font> element)."""
@@ -72,7 +70,7 @@ def _white(text: str, bold: bool = False) -> str:
 
 def tensor_label(spec: TensorSpec, record: TensorRecord | None, fill: str) -> str:
     dtype = record.dtype if record else ""
-    concrete = _shape(record.shape) if record else ""
+    concrete = shape_text(record.shape) if record else ""
     return (f'<<table border="0" cellborder="0" cellspacing="0" cellpadding="3" bgcolor="{fill}">'
             f'<tr><td align="left">{_white("Tensor: " + spec.name, bold=True)}</td>'
             f'<td align="right">{_white(dtype)}</td></tr>'
@@ -102,12 +100,12 @@ def _training(pipeline: Pipeline) -> bool:
 
 
 def _engine(pipeline: Pipeline) -> str:
-    return "Training loop" if _training(pipeline) else "Inference engine"
+    return "Training: stages 1-2 once, 3-19 at every step" if _training(pipeline) else "Inference engine"
 
 
 def _frames(stage: Stage, ctx: Context) -> list[str]:
     if stage.scope == "run":
-        return [f"{_engine(ctx.pipeline)}: before the {'training steps' if _training(ctx.pipeline) else 'generation loop'}"]
+        return ["Training: before the steps" if _training(ctx.pipeline) else "Inference engine: before the generation loop"]
     frames = [f"Transformer Model: {ctx.model_name}"]
     if stage.scope == "layer":
         frames.append(f"Transformer Block (Layer {ctx.layer})")
@@ -271,7 +269,7 @@ def _stage_box(stage: Stage, ctx: Context, dimmed: bool) -> str:
         record = ctx.record(stage.number, spec.name)
         if spec.role != "out" or (ctx.records is not None and record is None):
             continue
-        concrete = f"{record.dtype} {_shape(record.shape)}" if record else ""
+        concrete = f"{record.dtype} {shape_text(record.shape)}" if record else ""
         rows.append(f'<tr><td align="left" bgcolor="{tensor_fill}">{text(f"{spec.name} {spec.shape}")}</td>'
                     f'<td align="right" bgcolor="{tensor_fill}">{text(concrete)}</td></tr>')
     border = ' border="3" color="#c62828"' if not dimmed and ctx.here else ' border="0"'

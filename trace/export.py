@@ -5,7 +5,7 @@ from stages.pipelines import PLAIN, Pipeline
 from stages.tensor_parallel import SPLIT_DIM
 from stages.training_stages import TRAINING_ROLES
 
-from .recorder import TensorRecord
+from .recorder import TensorRecord, dtype_name
 from .run import Trace
 from .values import json_number, preview
 
@@ -50,6 +50,8 @@ def trace_to_json(trace: Trace, step: int, layer: int, stage: int | None) -> dic
         "step": step, "layer": layer, "P": P, "T": T,
         "tensor_parallel": _tensor_parallel(trace),
         "training": asdict(trace.training) if trace.training else None,
+        "values_kept_in": dtype_name(trace.capture.store_dtype) if trace.capture.store_dtype else trace.dtype,
+        "notes": trace.notes,
         "stages": [{"number": s.number, "title": s.title, "short": s.short, "scope": s.scope,
                     "explanation": s.explanation,
                     "tensors": [_tensor(r, with_values=stage is not None)

@@ -3,6 +3,7 @@ every other stage gets a heatmap of its main tensor. Axes are labelled with the
 real tokens, positions, heads and dimensions."""
 import io
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -302,5 +303,7 @@ def stage_figure(trace: Trace, stage: int, step: int, layer: int, head: int) -> 
 
 def figure_bytes(fig: Figure, fmt: str = "png") -> bytes:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format=fmt, dpi=DPI)
+    with warnings.catch_warnings():  # a token the font has no glyph for shows as a box, without a warning per glyph
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.savefig(buffer, format=fmt, dpi=DPI)
     return buffer.getvalue()

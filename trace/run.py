@@ -121,6 +121,12 @@ class Trace:
                 return r
         raise UserError(f"the trace has no record of stage {stage} {name!r} at step {step}, layer {layer}")
 
+    def why_not_kept(self, record: TensorRecord) -> str | None:
+        """Why a record that the capture policy keeps has no values (None: the policy did not keep it)."""
+        if self.capture.max_bytes is not None and self.capture.keeps(record.stage, record.step, record.layer):
+            return f"the trace budget of {self.capture.max_bytes / 2**20:.0f} MB ran out before it: a larger --max-trace-mb"
+        return None
+
     def values(self, stage: int, name: str, step: int = 0, layer: int = 0):
         """The kept values of one record (a torch tensor on the CPU)."""
         values = self.record(stage, name, step, layer).values

@@ -1,5 +1,6 @@
 """Rich renderables: the stage list, the shapes of a step, one stage in detail."""
 from rich import box
+from rich.cells import cell_len
 from rich.console import Group
 from rich.panel import Panel
 from rich.table import Table
@@ -11,10 +12,10 @@ from stages.rope import PAIRS
 from stages.tensor_parallel import SPLIT_DIM
 from stages.training_stages import GRAD, TRAINING_ROLES, UPDATE, WEIGHT_GRAD
 
-from .recorder import STAT_NAMES, TensorRecord
+from .recorder import STAT_NAMES, TensorRecord, dtype_name
 from .run import Trace
 from .heatmap import terminal_heatmap
-from .values import as_matrix, number, preview
+from .values import as_matrix, number, preview, shape_text
 
 ROLE_STYLE = {"in": "cyan", "weight": "magenta", "aux": "yellow", "mid": "default", "out": "green",
               GRAD: "red", WEIGHT_GRAD: "red", UPDATE: "blue"}
@@ -71,7 +72,7 @@ def split_table(trace: Trace, records: list[TensorRecord]) -> Table | None:
         slices = [Text(f"{rank * part}-{(rank + 1) * part - 1}", style="bold" if rank == trace.rank else "dim")
                   for rank in range(trace.ranks)]
         held = "rows (tokens)" if r.name in VOCABULARY_ROWS else "rows (outputs)" if dim == 0 else "columns (inputs)"
-        table.add_row(Text(r.name, style=ROLE_STYLE["weight"]), _shape(tuple(whole)), held, *slices)
+        table.add_row(Text(r.name, style=ROLE_STYLE["weight"]), shape_text(tuple(whole)), held, *slices)
     table.caption = Text("column-parallel weights split their output rows, row-parallel ones their input columns "
                          "(the product is then a partial sum, all-reduced); the embedding and the output head "
                          "split the vocabulary", style="dim")
@@ -85,15 +86,33 @@ def model_line(trace: Trace) -> str:
             f"F={c.ffn_dim} V={c.vocab_size} · {trace.device} {trace.dtype}")
 
 
-def _shape(shape: tuple[int, ...]) -> str:
-    return "(" + ", ".join(map(str, shape)) + ")"
-
 
 def _table(title: str | None, *columns: str) -> Table:
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
     for name in columns:
         table.add_column(name, justify="right" if name in STAT_NAMES or name == "#" else "left")
     return table
+
+
+def names_whole(table: Table, column: int) -> Table:
+    """In a narrow terminal, a name too long for its column goes on in the next line: names that
+    differ only at their ends (wq.exp_avg, wq.exp_avg_sq) are never cut."""
+    table.columns[column].overflow = "fold"
+    return table
+
+
+class _StageHeader:
+    """A stage's explanation in a panel, with its title and where in the run on the frame, or, where
+    the terminal is too narrow for them, as lines inside it (a frame would cut them, numbers too)."""
+
+    def __init__(self, text: Text, title: str, where: str):
+        self.text, self.title, self.where = text, title, where
+
+    def __rich_console__(self, console, options):
+        if max(cell_len(self.title), cell_len(self.where)) + 6 <= options.max_width:
+            yield Panel(self.text, title=self.title, title_align="left", subtitle=self.where, subtitle_align="left")
+        else:
+            yield Panel(Group(Text(self.title, style="bold"), self.text, Text(self.where, style="dim")))
 
 
 def shapes_table(trace: Trace, step: int, layer: int) -> Table:
@@ -109,7 +128,7 @@ def shapes_table(trace: Trace, step: int, layer: int) -> Table:
         for r in (r for r in records if r.stage == s.number and r.role not in TRAINING_ROLES):
             norm = grad_norms.get((r.stage, r.name))
             table.add_row("", Text(r.name, style=ROLE_STYLE[r.role]), Text(r.dtype), Text(r.symbolic),
-                          _shape(r.shape), *((Text(number(norm, digits=4) if norm is not None else "", style="red"),) if training else ()))
+                          shape_text(r.shape), *((Text(number(norm, digits=4) if norm is not None else "", style="red"),) if training else ()))
     table.caption = ROLE_LEGEND
     table.caption_justify = "left"
     return table
@@ -121,7 +140,7 @@ def _stats_table(title: str | None, records: list[TensorRecord], norm: bool = Fa
         shown = [number(r.norm, digits=4) if r.norm is not None else ""] if norm else []
         stats.add_row(Text(r.name, style=ROLE_STYLE[r.role]), *shown,
                       *(number(v, digits=4) for v in (r.stats or {}).values()))
-    return stats
+    return names_whole(stats, 0)
 
 
 class _Preview:
@@ -142,7 +161,10 @@ class _Preview:
             table.add_column(justify="right", no_wrap=True)
         for row in rows:
             table.add_row(*(number(v) for v in row))
-        yield Text.assemble((self.record.name, ROLE_STYLE[self.record.role]), f"{index} of {_shape(self.record.shape)}")
+        kept = dtype_name(self.record._values.dtype)
+        rounded = f", kept in {kept}" if kept != self.record.dtype else ""  # (--store-dtype)
+        yield Text.assemble((self.record.name, ROLE_STYLE[self.record.role]),
+                            f"{index} of {shape_text(self.record.shape)}{rounded}")
         yield table
 
 
@@ -160,14 +182,15 @@ def stage_detail(trace: Trace, number_: int, step: int, layer: int, head: int = 
     """One stage: what it does, its tensors with shapes and statistics, a corner of each."""
     s = trace.stage(number_)
     records = trace.select(step, layer, stage=number_)
-    header = Panel(Text(s.explanation), title=f"Stage {s.number} · {s.title}", title_align="left",
-                   subtitle=trace.describe(step, layer if s.scope == "layer" else None) if s.scope != "run" else "once per run",
-                   subtitle_align="left")
+    header = _StageHeader(Text(s.explanation), f"Stage {s.number} · {s.title}",
+                          trace.describe(step, layer if s.scope == "layer" else None) if s.scope != "run"
+                          else "once per run")
     forward = [r for r in records if r.role not in TRAINING_ROLES]
     shapes = _table(None, "tensor", "role", "dtype", "symbolic", "shape")
     for r in forward:
         shapes.add_row(Text(r.name, style=ROLE_STYLE[r.role]), Text(r.role), Text(r.dtype), Text(r.symbolic),
-                       _shape(r.shape))
+                       shape_text(r.shape))
+    names_whole(shapes, 0)
     parts = [header, shapes] if trace.shapes_only else [header, shapes, _stats_table(None, forward)]
     if trace.training is not None:
         backward, updates = [r for r in records if r.role in BACKWARD], [r for r in records if r.role == UPDATE]

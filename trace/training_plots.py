@@ -11,7 +11,7 @@ from stages.training_stages import check_has_gradient, grad_name, update_name
 
 from .plots import DPI, _image, _np, _ticks, _token_label
 from .run import Trace
-from .values import as_matrix
+from .values import as_matrix, shape_text
 
 WEIGHT_STAGE = {name: stage for stage, name in LAYER_WEIGHTS}
 
@@ -77,18 +77,18 @@ def training_figure(trace: Trace, step: int, layer: int, weight: str) -> Figure:
     stage = WEIGHT_STAGE[weight]
     record = trace.record(stage, update_name(weight), step, layer)
     if record.values is None:
-        raise UserError(f"the trace kept no values of {weight}'s update at step {step}, layer {layer} "
-                        f"(train with --step {step} --layer {layer}, or --capture all)")
+        raise UserError(f"the trace kept no values of {weight}'s update at step {step}, layer {layer} ("
+                        f"{trace.why_not_kept(record) or f'train with --step {step} --layer {layer}, or --capture all'})")
     title = f"{weight}.update = new − old, layer {layer}"
     if record.values.dim() == 1:  # a norm's weight: one number per channel
         values = _np(record.values)
         update_ax.bar(range(len(values)), values, color=np.where(values < 0, "#1565c0", "#c62828"))
         update_ax.axhline(0, color="black", linewidth=0.5)
-        update_ax.set_title(f"{title}, elements 0-{len(values) - 1} of {tuple(record.shape)}", fontsize=10)
+        update_ax.set_title(f"{title}, elements 0-{len(values) - 1} of {shape_text(record.shape)}", fontsize=10)
         update_ax.set_xlabel("element")
         return fig
     rows, cols = record.values.shape
-    _image(update_ax, _np(record.values), f"{title}, rows 0-{rows - 1}, columns 0-{cols - 1} of {tuple(record.shape)}")
+    _image(update_ax, _np(record.values), f"{title}, rows 0-{rows - 1}, columns 0-{cols - 1} of {shape_text(record.shape)}")
     update_ax.set_xlabel("input column")
     update_ax.set_ylabel("output row")
     return fig
@@ -99,7 +99,9 @@ def training_stage_figure(trace: Trace, stage: int, step: int, layer: int, head:
     check_has_gradient(stage)
     forward, grad = _gradient_of(trace, stage, step, layer)
     if forward.values is None or grad.values is None:
-        raise UserError(f"the trace kept no values of stage {stage} at step {step}, layer {layer}")
+        why = trace.why_not_kept(forward if forward.values is None else grad)
+        raise UserError(f"the trace kept no values of stage {stage} at step {step}, layer {layer}" +
+                        (f" ({why})" if why else ""))
     s = trace.stage(stage)
     fig = _figure(trace, 16, 7, f"Stage {stage}: {s.title}", trace.describe(step, layer if s.scope == "layer" else None))
     offset, seq = trace.training.steps[step].offset, trace.training.setup.seq

@@ -74,9 +74,14 @@ def preview(record: TensorRecord, max_cols: int | None = None) -> tuple[str, lis
     return f"[{text}]", rows
 
 
+def shape_text(shape: tuple[int, ...]) -> str:
+    """(576, 576), (576), (): as the diagrams write shapes."""
+    return "(" + ", ".join(map(str, shape)) + ")"
+
+
 def counted(n: int, noun: str) -> str:
-    """'1 step', '4 steps'."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+    """'1 step', '4 steps', '2 batches'."""
+    return f"{n} {noun}{'' if n == 1 else 'es' if noun.endswith(('s', 'sh', 'ch', 'x')) else 's'}"
 
 
 def number(v, digits: int | None = None) -> str:
