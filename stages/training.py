@@ -51,6 +51,10 @@ class TrainingSetup:
         if self.seq > context:
             raise UserError(f"--seq {self.seq} is longer than the model's context of {context} tokens")
 
+    def whole_batches(self, n_tokens: int) -> int:
+        """How many batches of B·T+1 ids a stream of `n_tokens` holds, one after another."""
+        return (n_tokens - 1) // self.tokens_per_step
+
     @property
     def tokens_per_step(self) -> int:
         return self.batch * self.seq
@@ -67,7 +71,7 @@ def batch_offsets(n_tokens: int, setup: TrainingSetup, context: int) -> list[int
     """Where each step's B·T+1 ids start: the stream's whole batches in turn, from the start again
     when the text runs out (or always the first, with `same_batch`)."""
     setup.check_fits(context)
-    whole = (n_tokens - 1) // setup.tokens_per_step
+    whole = setup.whole_batches(n_tokens)
     if whole == 0:
         raise UserError(f"the text has {n_tokens} token{'' if n_tokens == 1 else 's'}; --batch {setup.batch} --seq {setup.seq} needs at least "
                         f"B·T+1 = {setup.tokens_per_step + 1} (a longer text, or a smaller batch)")

@@ -153,7 +153,7 @@ def _show(trace: Trace, args, out: Console, err: Console, needs: dict[str, int] 
                   f"{len(trace.prompt_ids)}-token text in {trace.seconds:.2f} s · AdamW lr {setup.lr:g}, weight decay "
                   f"{setup.weight_decay:g}, " + (f"gradients clipped to norm {setup.clip:g}" if setup.clip else "no clipping"))
         _say(out, "loss by step: " + " → ".join(f"{s.loss:.4f}" for s in steps), style="bold")
-        whole = (len(trace.prompt_ids) - 1) // setup.tokens_per_step  # batches in the text
+        whole = setup.whole_batches(len(trace.prompt_ids))
         if len(steps) > 1 and not setup.same_batch:
             again = (f" The text holds {counted(whole, 'batch')}: from step {whole} on they are read again, and a "
                      f"falling loss there is partly the model remembering them." if len(steps) > whole else "")

@@ -203,7 +203,7 @@ def stage_detail(trace: Trace, number_: int, step: int, layer: int, head: int = 
         records = [r for r in records if r.role != UPDATE]  # their pictures: --plot
     if (heatmap := _heatmap(trace, s, records, head)) is not None:
         parts.append(heatmap)
-    previews = [_Preview(r) for r in records if r.values is not None]
+    previews = [_Preview(r) for r in records if r._values is not None]  # (.values would copy them)
     if previews:
         parts += [Text("Values (a corner of each tensor):", style="bold"), *previews]
     elif records and trace.shapes_only:
