@@ -49,8 +49,9 @@ def update_kv_cache(cache: KVCache | None, xk: torch.Tensor, xv: torch.Tensor, s
     end = start_pos + xk.shape[0]
     cache.cache_k[start_pos:end] = xk
     cache.cache_v[start_pos:end] = xv
-    # Later steps write only beyond `end`, so these views keep their values.
-    return record(11, "cache_k", cache.cache_k[:end]), record(11, "cache_v", cache.cache_v[:end])
+    # Later steps write only beyond `end`, so these views keep their values: they are lasting.
+    return (record(11, "cache_k", cache.cache_k[:end], lasting=True),
+            record(11, "cache_v", cache.cache_v[:end], lasting=True))
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:

@@ -13,23 +13,27 @@ import torch
 
 class Sink(Protocol):
     def at(self, **where: int | None) -> None: ...
-    def record(self, stage: int, name: str, tensor: torch.Tensor, copy: bool, shape: tuple[int, ...] | None) -> None: ...
+    def record(self, stage: int, name: str, tensor: torch.Tensor, copy: bool, shape: tuple[int, ...] | None,
+               lasting: bool) -> None: ...
 
 
 _sink: Sink | None = None
 
 
 def record(stage: int, name: str, tensor: torch.Tensor, copy: bool = False,
-           shape: tuple[int, ...] | None = None) -> torch.Tensor:
+           shape: tuple[int, ...] | None = None, lasting: bool = False) -> torch.Tensor:
     """Show `tensor` as `name` of stage `stage`; returns it unchanged.
 
     `copy=True` is for buffers that are later written in place (the tokens):
     the sink must keep a snapshot, not a reference. `shape` is the shape the
     diagram shows where `tensor` holds it with one dimension split in two (the
     keys repeated for grouped-query attention, a view that a reshape would copy).
+    `lasting=True` promises the opposite of `copy`: nothing ever writes these numbers again (the
+    filled part of the KV cache, which later steps extend but never overwrite), so the sink may
+    read them whenever it likes, for instance only when they are shown.
     """
     if _sink is not None:
-        _sink.record(stage, name, tensor, copy, shape)
+        _sink.record(stage, name, tensor, copy, shape, lasting)
     return tensor
 
 

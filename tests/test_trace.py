@@ -1,10 +1,14 @@
 """What the trace records: names and order, capture policy, and no cost without a sink."""
+import gc
+import pickle
+
 import torch
 
 from stages import STAGES, generate
 from stages import hooks
 from stages.hooks import record
 from trace import Capture, traced_run
+from trace.heap import old_objects_frozen
 from trace.recorder import Recorder
 
 # The ordered (stage, tensor) names recorded at the prompt step for layer 0,
@@ -92,6 +96,47 @@ def test_statistics_computed_as_the_run_goes_are_those_of_the_values(embedded_mo
         expected = torch.tensor([v.min(), v.max(), v.mean(), v.std(unbiased=False)], dtype=torch.float64)
         got = torch.tensor(list(a.stats.values()), dtype=torch.float64)
         assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * v.abs().max().item()), (a.step, a.layer, a.stage, a.name)
+
+
+def test_statistics_of_the_cache_wait_until_shown_and_travel_pickled(tiny):
+    """The filled part of the KV cache is summarised when first shown, once for all the records that
+    show it; a record sent to another process (tensor parallelism) carries the numbers themselves."""
+    model, _ = tiny
+    shown = traced_run(model, "the cat", chat=False, max_new_tokens=3, capture=Capture(rules=()))
+    kept = traced_run(model, "the cat", chat=False, max_new_tokens=3, capture=Capture.everything())
+    for step in range(3):
+        cache_k = shown.record(11, "cache_k", step=step, layer=1)
+        sent = pickle.loads(pickle.dumps(cache_k))
+        assert cache_k.values is None and sent.stats == cache_k.stats
+        values = kept.record(11, "cache_k", step=step, layer=1).values.double()
+        assert cache_k.shape == tuple(values.shape)
+        assert torch.allclose(torch.tensor(list(cache_k.stats.values()), dtype=torch.float64),
+                              torch.stack([values.min(), values.max(), values.mean(), values.std(unbiased=False)]),
+                              rtol=1e-5, atol=1e-6)
+        for stage, name in ((12, "keys"), (12, "keys (repeated)"), (13, "keys (transposed)")):
+            assert shown.record(stage, name, step=step, layer=1).stats == cache_k.stats
+
+
+def test_a_traced_run_leaves_the_garbage_collector_as_it_found_it():
+    class Node:
+        pass
+
+    assert gc.get_freeze_count() == 0
+    with old_objects_frozen():
+        assert gc.get_freeze_count() > 0  # (the objects made before are left out of its passes)
+        cycle = Node()
+        cycle.self = cycle
+        del cycle
+        assert gc.collect() > 0  # what the run makes is collected as usual
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # someone else's freeze (a server's) is theirs to undo
+    try:
+        frozen = gc.get_freeze_count()
+        with old_objects_frozen():
+            pass
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
 
 
 def test_repeated_keys_are_the_cache_seen_n_rep_times_never_a_copy(tiny):

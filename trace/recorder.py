@@ -24,9 +24,9 @@ UPDATE_CORNER = (64, 64)  # of a weight's gradient and update: enough for a heat
 CORNERED = frozenset({"weight", WEIGHT_GRAD, UPDATE})  # weight-sized records: they keep a corner
 BATCHED_NUMEL = 16384  # tensors up to this size wait for one batched statistics pass per step
 PENDING_NUMEL = 1 << 22  # or fewer, when this many elements wait (16 MiB of float32)
-# id(weight) -> (a weak reference to it, its version, its statistics); the reference tells a live entry
-# from a stale one, the version a weight that training has changed since.
-_WEIGHT_STATS: dict[int, tuple[weakref.ref, int, "Sums | None"]] = {}
+# id(weight) -> (a weak reference to it, its version, its statistics, its corner); the reference tells a
+# live entry from a stale one, the version a weight that training has changed since.
+_WEIGHT_STATS: dict[int, tuple[weakref.ref, int, "Sums | None", torch.Tensor]] = {}
 
 
 @dataclass(slots=True)
@@ -41,7 +41,8 @@ class TensorRecord:
     shape: tuple[int, ...]
     rank: int = 0  # the process that made it, in a tensor-parallel run (stages.tensor_parallel)
     _stats: torch.Tensor | None = field(default=None, repr=False)  # (4) float64: STAT_NAMES, once asked for
-    _sums: "Sums | None" = field(default=None, repr=False)  # what the run computed them from (see _sums)
+    # What the run computed them from (see _sums), or lasting memory to compute them from (see Later).
+    _sums: "Sums | Later | None" = field(default=None, repr=False)
     _values: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -49,6 +50,8 @@ class TensorRecord:
         if self._stats is None:
             # Values kept exactly give their statistics only when asked for: the run stays fast.
             sums = self._sums if self._sums is not None or self._values is None else _sums(self._values)
+            if isinstance(sums, Later):
+                sums = sums.sums()
             if sums is None:
                 return None
             self._stats = _finish(sums)
@@ -82,6 +85,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 _DTYPE_NAMES: dict[torch.dtype, str] = {}
+_REAL_DTYPES = {torch.complex32: torch.float16, torch.complex64: torch.float32, torch.complex128: torch.float64}
 
 
 # A tensor's (min, max, sum, L2 norm) as a (4) tensor, still on its device, and how many numbers
@@ -110,22 +114,52 @@ def _sums(t: torch.Tensor) -> Sums | None:
     return torch.stack([lo, hi, real.sum(), torch.linalg.vector_norm(real)]), real.numel()
 
 
+class Later:
+    """Statistics that the records of one memory share, computed now or later: small tensors wait
+    for their step's batched pass, and memory that nothing writes again (`lasting` records: the
+    filled part of the KV cache) is summarised only when first asked for. Every step shows the
+    whole cache in a dozen records per layer; summarising it then would cost a tenth of a decode
+    step, for numbers that are seldom shown. It holds the cache until then (memory the run had
+    anyway). A pickled one travels as its statistics."""
+    __slots__ = ("_tensor", "_sums")
+
+    def __init__(self, tensor: torch.Tensor | None, sums: Sums | None = None):
+        self._tensor, self._sums = tensor, sums
+
+    def sums(self) -> Sums | None:
+        if self._tensor is not None:
+            self.done(_sums(self._tensor))
+        return self._sums
+
+    def done(self, sums: Sums | None) -> None:
+        self._sums, self._tensor = sums, None
+
+    def __reduce__(self):
+        return Later, (None, self.sums())
+
+
 def _batched_sums(tensors: list[torch.Tensor]) -> list[Sums]:
-    """`_sums` of many small non-empty tensors, in four reductions per size: tensors of one size are
-    stacked into rows and reduced row by row (the tensors of a decode step come in a handful of
-    sizes; one tensor at a time, the overhead of each operation would cost more than the arithmetic)."""
-    rows = [_summed(t).reshape(-1) for t in tensors]
-    by_size: dict[tuple, list[int]] = {}
-    for i, row in enumerate(rows):
-        by_size.setdefault((row.numel(), row.dtype, row.device), []).append(i)
-    sums: list[Sums | None] = [None] * len(rows)
-    for (n, _, _), members in by_size.items():
-        m = torch.stack([rows[i] for i in members])  # (k, n)
-        lo, hi = torch.aminmax(m, dim=1)
-        table = torch.stack([lo, hi, m.sum(dim=1), torch.linalg.vector_norm(m, dim=1)], dim=1)  # (k, 4)
+    """`_sums` of many small non-empty tensors, in four reductions per shape: tensors of one shape are
+    stacked into rows and reduced row by row (a decode step shows ~500 small tensors in a dozen
+    shapes; one at a time, the overhead of each operation would cost more than the arithmetic)."""
+    by_shape: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_shape.setdefault((t.shape, t.dtype, t.device), []).append(i)
+    sums: list[Sums | None] = [None] * len(tensors)
+    for members in by_shape.values():
+        m = _summed(torch.stack([tensors[i] for i in members])).reshape(len(members), -1)  # (k, n)
+        # (amin and amax: torch.aminmax along a dimension is several times slower on the CPU)
+        table = torch.stack([m.amin(dim=1), m.amax(dim=1), m.sum(dim=1), torch.linalg.vector_norm(m, dim=1)],
+                            dim=1)  # (k, 4)
         for i, row in zip(members, table.tolist(), strict=True):  # rows as lists: no tensor per row
-            sums[i] = (row, n)
+            sums[i] = (row, m.shape[1])
     return sums
+
+
+def _corner(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A copy of the first rows and columns of a weight-sized tensor (of a vector, the first columns)."""
+    rows, cols = size
+    return (t[:rows, :cols] if t.dim() == 2 else t[:cols]).clone()
 
 
 def _finish(sums: Sums) -> torch.Tensor:
@@ -227,11 +261,13 @@ class Recorder:
         self.kept_bytes = 0
         self.budget_hit_at: TensorRecord | None = None  # the first record that kept no values for it
         self._kept_storages: set[int] = set()
-        # Statistics of one place in the run (a step and layer), by the memory they describe:
-        # computed (tensor, statistics), or waiting for one batched pass (tensor, records).
-        self._sums_here: dict[tuple, tuple[torch.Tensor, Sums]] = {}
-        self._pending: dict[tuple, tuple[torch.Tensor, list[TensorRecord]]] = {}
+        # Statistics by the memory they describe, shared by the records that show it: those of one
+        # place in the run (a step and layer), and those waiting for the step's batched pass. Each
+        # entry holds its tensor, so that the memory cannot be given to another tensor meanwhile.
+        self._sums_here: dict[tuple, tuple[torch.Tensor, Later]] = {}
+        self._pending: dict[tuple, tuple[torch.Tensor, Later]] = {}
         self._pending_numel = 0  # the elements waiting: they hold memory, so they are bounded
+        self._last: tuple[torch.Tensor | None, Later | None] = (None, None)  # the tensor shown last, here
         self._converted: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (memory, converted)
         self._rules_here: tuple[Rule, ...] = capture.rules  # the rules that can match this step and layer
         self._keeps_here: dict[int, bool] = {}  # stage -> whether its values are kept at this step and layer
@@ -255,6 +291,7 @@ class Recorder:
         for key, value in where.items():
             setattr(self, key, value)
         self._sums_here.clear()
+        self._last = (None, None)
         self._converted.clear()
         # Which rules can keep values here is asked once per step and layer, not once per record.
         self._rules_here = tuple(r for r in self.capture.rules if r.matches_place(self.step, self.layer))
@@ -265,38 +302,47 @@ class Recorder:
         waiting = list(self._pending.values())
         self._pending.clear()
         self._pending_numel = 0
-        for (_, records), sums in zip(waiting, _batched_sums([tensor for tensor, _ in waiting]), strict=True):
-            for record in records:
-                record._sums = sums
+        for (_, later), sums in zip(waiting, _batched_sums([tensor for tensor, _ in waiting]), strict=True):
+            later.done(sums)
 
-    def _statistics(self, tensor: torch.Tensor, record: TensorRecord, now: bool) -> None:
-        # The same memory shown again (the stage 8 output as stage 9's input, a reshape, a
-        # transpose) has the same statistics: computed once per place in the run. The caches
-        # hold the tensor, so its memory cannot be reused for another tensor meanwhile.
-        if tensor.numel() == 0:
-            return
+    def _statistics(self, tensor: torch.Tensor, now: bool, lasting: bool) -> "Later | None":
+        """The statistics of `tensor`, now or later. The same memory shown again (the stage 8 output
+        as stage 9's input, a reshape, a transpose) has the same statistics: computed once."""
+        shown = tensor
+        if shown is self._last[0] and not now:  # (the same tensor object, shown by the next stage)
+            return self._last[1]
+        n = tensor.numel()
+        if n == 0:
+            return None
         strides = tensor.stride()
         if 0 in strides:  # a repetition (the keys of grouped-query attention) has the statistics of one copy
             for dim, step in enumerate(strides):
                 if step == 0:
                     tensor = tensor.narrow(dim, 0, 1)
-        key = (tensor.data_ptr(), tensor.numel(), tensor.dtype, tensor.device)
-        if key in self._sums_here:
-            record._sums = self._sums_here[key][1]
-        elif key in self._pending:
-            self._pending[key][1].append(record)
-        elif tensor.numel() <= BATCHED_NUMEL and not now:
-            self._pending[key] = (tensor, [record])  # many small tensors: one pass is far cheaper
-            self._pending_numel += tensor.numel()
-        else:
-            record._sums = _sums(tensor)
-            self._sums_here[key] = (tensor, record._sums)
+            n = tensor.numel()
+        # Complex numbers are summarised as their (re, im) pairs: the same key as the pairs' memory.
+        real = _REAL_DTYPES.get(tensor.dtype)
+        key = (tensor.data_ptr(), n, tensor.dtype, tensor.device) if real is None else (
+            tensor.data_ptr(), 2 * n, real, tensor.device)
+        entry = self._sums_here.get(key) or self._pending.get(key)
+        if entry is None:
+            if lasting:  # read when shown
+                entry = self._sums_here[key] = (tensor, Later(tensor))
+            elif n <= BATCHED_NUMEL and not now:  # many small tensors: one pass for the step is far cheaper
+                entry = self._pending[key] = (tensor, Later(None))
+                self._pending_numel += n
+            else:
+                entry = self._sums_here[key] = (tensor, Later(None, _sums(tensor)))
+        self._last = (shown, entry[1])
+        return entry[1]
 
-    def _keep(self, tensor: torch.Tensor, copy: bool, record: "TensorRecord") -> torch.Tensor | None:
+    def _keep(self, tensor: torch.Tensor, copy: bool, record: "TensorRecord",
+              corner: torch.Tensor | None = None) -> torch.Tensor | None:
         store = self.capture.store_dtype
-        if record.role in CORNERED:
-            rows, cols = WEIGHT_CORNER if record.role == "weight" else UPDATE_CORNER
-            kept = (tensor[:rows, :cols] if tensor.dim() == 2 else tensor[:cols]).clone()
+        if corner is not None:  # a weight's, taken once
+            kept = corner
+        elif record.role in CORNERED:
+            kept = _corner(tensor, UPDATE_CORNER)
         elif store is None or not tensor.is_floating_point() or tensor.dtype == store:
             kept = tensor.clone() if copy else tensor
         else:  # (a copy is converted on its own: it shares memory with nothing else kept)
@@ -337,22 +383,27 @@ class Recorder:
         return record
 
     def record(self, stage: int, name: str, tensor: torch.Tensor, copy: bool,
-               shape: tuple[int, ...] | None = None) -> None:
+               shape: tuple[int, ...] | None = None, lasting: bool = False) -> None:
         spec = self._specs.get((stage, name)) or self._spec(stage, name)
-        record = TensorRecord(self.step, self.layer, stage, name, spec.role, spec.shape, dtype_name(tensor.dtype),
+        role = spec.role
+        record = TensorRecord(self.step, self.layer, stage, name, role, spec.shape,
+                              _DTYPE_NAMES.get(tensor.dtype) or dtype_name(tensor.dtype),
                               tuple(shape or tensor.shape), self.rank)
         self._records.append(record)
         if tensor.is_meta:  # shapes only: there are no numbers to summarise or keep
             return
-        cornered = spec.role in CORNERED
-        if spec.role == "weight":
-            # Weights change only in training: their statistics are computed once per weight (the model's
-            # own tensor object, not a detached copy of it) and version, for every run.
+        cornered = role in CORNERED
+        corner = None
+        if role == "weight":
+            # Weights change only in training: their statistics and corner are taken once per weight (the
+            # model's own tensor object, not a detached copy of it) and version, for every run.
             version = 0 if tensor.is_inference() else tensor._version  # (made under inference_mode: it has none)
             known = _WEIGHT_STATS.get(id(tensor))
             if known is None or known[0]() is not tensor or known[1] != version:
-                known = _WEIGHT_STATS[id(tensor)] = (weakref.ref(tensor), version, _sums(tensor.detach()))
-            record._sums = known[2]
+                weight = tensor.detach()
+                known = _WEIGHT_STATS[id(tensor)] = (weakref.ref(tensor), version, _sums(weight),
+                                                     _corner(weight, WEIGHT_CORNER))
+            record._sums, corner = known[2], known[3]
         elif cornered:  # a weight's gradient or update: new every training step (a tied weight's, shown twice)
             if self._last_cornered[0] is not tensor:
                 self._last_cornered = (tensor, _sums(tensor))
@@ -366,10 +417,10 @@ class Recorder:
                 self._ask_for_gradient(stage, name, tensor, shape, keeps)
             tensor = tensor.detach()
         if keeps:
-            record._values = self._keep(tensor, copy, record)
+            record._values = self._keep(tensor, copy, record, corner)
         # Values kept exactly give their statistics later, when asked for: the run stays fast.
         if not cornered and (record._values is None or record._values.dtype != tensor.dtype):
-            self._statistics(tensor, record, now=copy)  # memory written in place later: summarised now
+            record._sums = self._statistics(tensor, now=copy, lasting=lasting)  # (copy: written in place later)
 
     def _ask_for_gradient(self, stage: int, name: str, tensor: torch.Tensor, shape, keeps: bool) -> None:
         """A record of ∂loss/∂tensor, right after the tensor's, filled when the backward pass reaches it.

@@ -11,7 +11,7 @@ from stages.pipelines import TRAINING
 from stages.training import StepResult, TrainingSetup, train
 from stages.training_text import DEFAULT_TEXT
 
-from .heap import give_back_freed_memory
+from .heap import give_back_freed_memory, old_objects_frozen
 from .recorder import Capture, Recorder, dtype_name
 from .run import Trace, TrainingLog, capture_notes
 
@@ -49,7 +49,7 @@ def traced_training(model: Model, text: str, setup: TrainingSetup, capture: Capt
             on_step(step, result)
 
     started = time.perf_counter()
-    with recording(recorder):
+    with recording(recorder), old_objects_frozen():
         ids = tokenize(model.tokenizer, text, chat=False)  # stage 1
         steps = train(model, ids, setup, after_step)
     seconds = time.perf_counter() - started
