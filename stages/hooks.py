@@ -29,8 +29,8 @@ def record(stage: int, name: str, tensor: torch.Tensor, copy: bool = False,
     diagram shows where `tensor` holds it with one dimension split in two (the
     keys repeated for grouped-query attention, a view that a reshape would copy).
     `lasting=True` promises the opposite of `copy`: nothing ever writes these numbers again (the
-    filled part of the KV cache, which later steps extend but never overwrite), so the sink may
-    read them whenever it likes, for instance only when they are shown.
+    filled part of the KV cache, which later steps extend but never overwrite), so a sink that has
+    summarised the start of this memory need only look at what lies beyond it.
     """
     if _sink is not None:
         _sink.record(stage, name, tensor, copy, shape, lasting)

@@ -98,13 +98,15 @@ def test_statistics_computed_as_the_run_goes_are_those_of_the_values(embedded_mo
         assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * v.abs().max().item()), (a.step, a.layer, a.stage, a.name)
 
 
-def test_statistics_of_the_cache_wait_until_shown_and_travel_pickled(tiny):
-    """The filled part of the KV cache is summarised when first shown, once for all the records that
-    show it; a record sent to another process (tensor parallelism) carries the numbers themselves."""
+def test_statistics_of_the_cache_are_joined_step_by_step_and_travel_pickled(tiny):
+    """The filled part of the KV cache is summarised once, the positions new at each step joined to the
+    earlier ones, once for all the records that show it; a finished trace holds no tensor it does not
+    keep, and a record sent to another process (tensor parallelism) carries the numbers themselves."""
     model, _ = tiny
-    shown = traced_run(model, "the cat", chat=False, max_new_tokens=3, capture=Capture(rules=()))
-    kept = traced_run(model, "the cat", chat=False, max_new_tokens=3, capture=Capture.everything())
-    for step in range(3):
+    shown = traced_run(model, "the cat", chat=False, max_new_tokens=4, capture=Capture(rules=()))
+    kept = traced_run(model, "the cat", chat=False, max_new_tokens=4, capture=Capture.everything())
+    assert all(getattr(r._sums, "_tensor", None) is None for r in shown.records)
+    for step in range(4):
         cache_k = shown.record(11, "cache_k", step=step, layer=1)
         sent = pickle.loads(pickle.dumps(cache_k))
         assert cache_k.values is None and sent.stats == cache_k.stats
@@ -115,6 +117,17 @@ def test_statistics_of_the_cache_wait_until_shown_and_travel_pickled(tiny):
                               rtol=1e-5, atol=1e-6)
         for stage, name in ((12, "keys"), (12, "keys (repeated)"), (13, "keys (transposed)")):
             assert shown.record(stage, name, step=step, layer=1).stats == cache_k.stats
+
+
+def test_a_record_pickled_before_its_batched_statistics_carries_them():
+    recorder = Recorder(Capture(rules=()))
+    x = torch.arange(6.0)
+    with hooks.recording(recorder):
+        recorder.at(step=0, layer=0)
+        record(6, "x", x)
+    sent = pickle.loads(pickle.dumps(recorder._records[0]))  # (before the step's pass: not through .records)
+    assert sent.stats == recorder.records[0].stats
+    assert sent.stats["max"] == 5.0 and sent.stats["mean"] == 2.5
 
 
 def test_a_traced_run_leaves_the_garbage_collector_as_it_found_it():

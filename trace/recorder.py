@@ -41,7 +41,7 @@ class TensorRecord:
     shape: tuple[int, ...]
     rank: int = 0  # the process that made it, in a tensor-parallel run (stages.tensor_parallel)
     _stats: torch.Tensor | None = field(default=None, repr=False)  # (4) float64: STAT_NAMES, once asked for
-    # What the run computed them from (see _sums), or lasting memory to compute them from (see Later).
+    # What the run computed them from (see _sums), or shared statistics computed later (see Later).
     _sums: "Sums | Later | None" = field(default=None, repr=False)
     _values: torch.Tensor | None = field(default=None, repr=False)
 
@@ -116,11 +116,8 @@ def _sums(t: torch.Tensor) -> Sums | None:
 
 class Later:
     """Statistics that the records of one memory share, computed now or later: small tensors wait
-    for their step's batched pass, and memory that nothing writes again (`lasting` records: the
-    filled part of the KV cache) is summarised only when first asked for. Every step shows the
-    whole cache in a dozen records per layer; summarising it then would cost a tenth of a decode
-    step, for numbers that are seldom shown. It holds the cache until then (memory the run had
-    anyway). A pickled one travels as its statistics."""
+    for their step's batched pass (holding the tensor until then; asked for sooner, or pickled, it
+    is summarised alone). A pickled one travels as its statistics."""
     __slots__ = ("_tensor", "_sums")
 
     def __init__(self, tensor: torch.Tensor | None, sums: Sums | None = None):
@@ -136,6 +133,34 @@ class Later:
 
     def __reduce__(self):
         return Later, (None, self.sums())
+
+
+class Joined(Later):
+    """The statistics of two pieces of memory together: the part of the KV cache that earlier steps
+    filled (already summarised) and the positions this step wrote (see Recorder._lasting)."""
+    __slots__ = ("_parts",)
+
+    def __init__(self, first: Later, second: Later):
+        super().__init__(None)
+        self._parts: tuple[Later, Later] | None = (first, second)
+
+    def sums(self) -> Sums | None:
+        if self._parts is not None:
+            first, second = self._parts
+            self.done(_joined(first.sums(), second.sums()))
+            self._parts = None
+        return self._sums
+
+
+def _joined(a: Sums | None, b: Sums | None) -> Sums | None:
+    """(min, max, sum, L2 norm) of two pieces from each one's."""
+    if a is None or b is None:
+        return a or b
+    (lo_a, hi_a, total_a, norm_a), (lo_b, hi_b, total_b, norm_b) = (
+        s[0] if isinstance(s[0], list) else s[0].tolist() for s in (a, b))
+    nan = lo_a != lo_a or lo_b != lo_b  # (min and max of Python floats would drop a NaN)
+    return ([math.nan if nan else min(lo_a, lo_b), math.nan if nan else max(hi_a, hi_b), total_a + total_b,
+             math.hypot(norm_a, norm_b)], a[1] + b[1])
 
 
 def _batched_sums(tensors: list[torch.Tensor]) -> list[Sums]:
@@ -267,6 +292,10 @@ class Recorder:
         self._sums_here: dict[tuple, tuple[torch.Tensor, Later]] = {}
         self._pending: dict[tuple, tuple[torch.Tensor, Later]] = {}
         self._pending_numel = 0  # the elements waiting: they hold memory, so they are bounded
+        # Lasting memory already summarised (see _extended): where it begins -> (how many elements
+        # from there, their statistics, the tensor: its memory is not given to another meanwhile).
+        self._lasting: dict[tuple, tuple[int, Later, torch.Tensor]] = {}
+        self._joins: list[Joined] = []  # made since the last batched pass, which finishes them
         self._last: tuple[torch.Tensor | None, Later | None] = (None, None)  # the tensor shown last, here
         self._converted: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (memory, converted)
         self._rules_here: tuple[Rule, ...] = capture.rules  # the rules that can match this step and layer
@@ -304,6 +333,9 @@ class Recorder:
         self._pending_numel = 0
         for (_, later), sums in zip(waiting, _batched_sums([tensor for tensor, _ in waiting]), strict=True):
             later.done(sums)
+        for joined in self._joins:  # in the order made: each joins statistics finished before it
+            joined.sums()
+        self._joins.clear()
 
     def _statistics(self, tensor: torch.Tensor, now: bool, lasting: bool) -> "Later | None":
         """The statistics of `tensor`, now or later. The same memory shown again (the stage 8 output
@@ -326,15 +358,40 @@ class Recorder:
             tensor.data_ptr(), 2 * n, real, tensor.device)
         entry = self._sums_here.get(key) or self._pending.get(key)
         if entry is None:
-            if lasting:  # read when shown
-                entry = self._sums_here[key] = (tensor, Later(tensor))
-            elif n <= BATCHED_NUMEL and not now:  # many small tensors: one pass for the step is far cheaper
-                entry = self._pending[key] = (tensor, Later(None))
-                self._pending_numel += n
-            else:
-                entry = self._sums_here[key] = (tensor, Later(None, _sums(tensor)))
+            later = self._extended(tensor, n) if lasting else self._summarised(tensor, key, n, now)
+            entry = self._sums_here[key] = (tensor, later)
         self._last = (shown, entry[1])
         return entry[1]
+
+    def _summarised(self, tensor: torch.Tensor, key: tuple, n: int, now: bool) -> Later:
+        if n <= BATCHED_NUMEL and not now:  # many small tensors: one pass for the step is far cheaper
+            later = Later(tensor)
+            self._pending[key] = (tensor, later)
+            self._pending_numel += n
+            return later
+        return Later(None, _sums(tensor))
+
+    def _extended(self, tensor: torch.Tensor, n: int) -> Later:
+        """The statistics of lasting memory (the filled part of the KV cache, shown whole at every step),
+        summarised once: where an earlier record showed the start of this memory, only the elements
+        beyond it are summarised, and joined to its statistics. Summarising the whole cache at every
+        step would cost a tenth of a decode step; this costs a few numbers per new position."""
+        if not tensor.is_contiguous():
+            return self._summarised(tensor, (tensor.data_ptr(), n, tensor.dtype, tensor.device), n, now=False)
+        where = (tensor.data_ptr(), tensor.dtype, tensor.device)
+        flat = tensor.reshape(-1)  # (n): a view, the memory is contiguous
+        before = self._lasting.get(where)
+        if before is not None and before[0] == n:
+            later = before[1]
+        elif before is not None and before[0] < n:
+            new = flat[before[0]:]  # (n - before): the positions written since
+            later = Joined(before[1], self._summarised(new, (new.data_ptr(), new.numel(), new.dtype, new.device),
+                                                       new.numel(), now=False))
+            self._joins.append(later)
+        else:
+            later = self._summarised(flat, (flat.data_ptr(), n, flat.dtype, flat.device), n, now=False)
+        self._lasting[where] = (n, later, tensor)
+        return later
 
     def _keep(self, tensor: torch.Tensor, copy: bool, record: "TensorRecord",
               corner: torch.Tensor | None = None) -> torch.Tensor | None:
