@@ -296,7 +296,9 @@ class Recorder:
         # from there, their statistics, the tensor: its memory is not given to another meanwhile).
         self._lasting: dict[tuple, tuple[int, Later, torch.Tensor]] = {}
         self._joins: list[Joined] = []  # made since the last batched pass, which finishes them
-        self._last: tuple[torch.Tensor | None, Later | None] = (None, None)  # the tensor shown last, here
+        # id(tensor) -> (it, its statistics): the tensor objects shown at this place (a stage's output is the
+        # next stage's input), found by identity before their memory is looked for. Held: ids stay unique.
+        self._seen: dict[int, tuple[torch.Tensor, Later | None]] = {}
         self._converted: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # (memory, converted)
         self._rules_here: tuple[Rule, ...] = capture.rules  # the rules that can match this step and layer
         self._keeps_here: dict[int, bool] = {}  # stage -> whether its values are kept at this step and layer
@@ -320,7 +322,7 @@ class Recorder:
         for key, value in where.items():
             setattr(self, key, value)
         self._sums_here.clear()
-        self._last = (None, None)
+        self._seen.clear()
         self._converted.clear()
         # Which rules can keep values here is asked once per step and layer, not once per record.
         self._rules_here = tuple(r for r in self.capture.rules if r.matches_place(self.step, self.layer))
@@ -341,8 +343,9 @@ class Recorder:
         """The statistics of `tensor`, now or later. The same memory shown again (the stage 8 output
         as stage 9's input, a reshape, a transpose) has the same statistics: computed once."""
         shown = tensor
-        if shown is self._last[0] and not now:  # (the same tensor object, shown by the next stage)
-            return self._last[1]
+        seen = self._seen.get(id(shown))
+        if seen is not None and not now:  # (the same tensor object, shown again)
+            return seen[1]
         n = tensor.numel()
         if n == 0:
             return None
@@ -360,7 +363,7 @@ class Recorder:
         if entry is None:
             later = self._extended(tensor, n) if lasting else self._summarised(tensor, key, n, now)
             entry = self._sums_here[key] = (tensor, later)
-        self._last = (shown, entry[1])
+        self._seen[id(shown)] = (shown, entry[1])
         return entry[1]
 
     def _summarised(self, tensor: torch.Tensor, key: tuple, n: int, now: bool) -> Later:
