@@ -328,13 +328,18 @@ def _out_of_memory(e: RuntimeError) -> bool:
             or "not enough memory" in text)
 
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError  # (rich exits with status 1 here; main ends with 141, as command-line tools do)
+
+
 def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show '·' gets '?', not a crash
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
     args = build_parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv  # what the ranks of --tp N are started with
-    out, err = Console(), Console(stderr=True)
+    out, err = _Console(), _Console(stderr=True)
     in_main_thread = threading.current_thread() is threading.main_thread()  # where signals can be caught
     previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if in_main_thread else None
     try:
