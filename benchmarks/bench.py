@@ -43,6 +43,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import stages  # noqa: E402
 from stages import PIPELINES, Sampling, generate  # noqa: E402
+from stages.pipelines import IMPLEMENTATIONS  # noqa: E402
 from stages.embedded import embedded_model_path  # noqa: E402
 from stages.hooks import recording  # noqa: E402
 from stages.kv_cache import KVCache  # noqa: E402
@@ -156,12 +157,12 @@ def implementations(model, ids, repeats) -> dict:
     def run(pipeline, n):
         return lambda: generate(model, ids, n, pipeline=pipeline)
 
-    prefill = alternate({name: run(p, 1) for name, p in PIPELINES.items()}, repeats)
-    whole = alternate({name: run(p, NEW_TOKENS) for name, p in PIPELINES.items()}, repeats)
-    decode = {name: (NEW_TOKENS - 1) / (whole[name] - prefill[name]) for name in PIPELINES}
+    prefill = alternate({name: run(PIPELINES[name], 1) for name in IMPLEMENTATIONS}, repeats)
+    whole = alternate({name: run(PIPELINES[name], NEW_TOKENS) for name in IMPLEMENTATIONS}, repeats)
+    decode = {name: (NEW_TOKENS - 1) / (whole[name] - prefill[name]) for name in IMPLEMENTATIONS}
     return {name: {"prompt_step_s": prefill[name], "decode_tokens_per_s": decode[name],
                    "prompt_step_ratio_to_plain": prefill[name] / prefill["plain"],
-                   "decode_ratio_to_plain": decode[name] / decode["plain"]} for name in PIPELINES}
+                   "decode_ratio_to_plain": decode[name] / decode["plain"]} for name in IMPLEMENTATIONS}
 
 
 def transformer_lens(model, path: Path, ids, repeats) -> dict:
