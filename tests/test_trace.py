@@ -105,7 +105,8 @@ def test_statistics_of_the_cache_are_joined_step_by_step_and_travel_pickled(tiny
     model, _ = tiny
     shown = traced_run(model, "the cat", chat=False, max_new_tokens=4, capture=Capture(rules=()))
     kept = traced_run(model, "the cat", chat=False, max_new_tokens=4, capture=Capture.everything())
-    assert all(getattr(r._sums, "_tensor", None) is None for r in shown.records)
+    assert all(getattr(r._sums, "_tensor", None) is None and getattr(r._sums, "_parts", None) is None
+               for r in shown.records)
     for step in range(4):
         cache_k = shown.record(11, "cache_k", step=step, layer=1)
         sent = pickle.loads(pickle.dumps(cache_k))
@@ -117,6 +118,19 @@ def test_statistics_of_the_cache_are_joined_step_by_step_and_travel_pickled(tiny
                               rtol=1e-5, atol=1e-6)
         for stage, name in ((12, "keys"), (12, "keys (repeated)"), (13, "keys (transposed)")):
             assert shown.record(stage, name, step=step, layer=1).stats == cache_k.stats
+
+
+def test_cache_statistics_asked_for_before_the_steps_pass_are_joined_without_recursion():
+    recorder = Recorder(Capture(rules=()))
+    cache = torch.randn(3000, 2, 4)
+    with hooks.recording(recorder):
+        recorder.at(step=0, layer=0)
+        for end in range(1, 3001):  # (as if 3,000 steps filled it: joins wait for the pass)
+            record(11, "cache_k", cache[:end], lasting=True)
+    early = recorder._records[-1].stats  # (before the pass: not through .records)
+    assert torch.allclose(torch.tensor(list(early.values()), dtype=torch.float64),
+                          torch.stack([cache.min(), cache.max(), cache.mean(), cache.std(unbiased=False)]).double(),
+                          rtol=1e-5, atol=1e-6)
 
 
 def test_a_record_pickled_before_its_batched_statistics_carries_them():

@@ -145,10 +145,14 @@ class Joined(Later):
         self._parts: tuple[Later, Later] | None = (first, second)
 
     def sums(self) -> Sums | None:
-        if self._parts is not None:
-            first, second = self._parts
-            self.done(_joined(first.sums(), second.sums()))
-            self._parts = None
+        unfinished = [self]  # (asked before the step's pass, earlier steps' may wait too: a loop, not recursion)
+        while unfinished[-1]._parts is not None and isinstance(earlier := unfinished[-1]._parts[0], Joined):
+            unfinished.append(earlier)
+        for joined in reversed(unfinished):  # the earliest first
+            if joined._parts is not None:
+                first, second = joined._parts
+                joined.done(_joined(first.sums(), second.sums()))
+                joined._parts = None
         return self._sums
 
 
