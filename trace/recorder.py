@@ -365,7 +365,7 @@ class Recorder:
             tensor.data_ptr(), 2 * n, real, tensor.device)
         entry = self._sums_here.get(key) or self._pending.get(key)
         if entry is None:
-            later = self._extended(tensor, n) if lasting else self._summarised(tensor, key, n, now)
+            later = self._extended(tensor, key, n) if lasting else self._summarised(tensor, key, n, now)
             entry = self._sums_here[key] = (tensor, later)
         self._seen[id(shown)] = (shown, entry[1])
         return entry[1]
@@ -378,25 +378,24 @@ class Recorder:
             return later
         return Later(None, _sums(tensor))
 
-    def _extended(self, tensor: torch.Tensor, n: int) -> Later:
+    def _extended(self, tensor: torch.Tensor, key: tuple, n: int) -> Later:
         """The statistics of lasting memory (the filled part of the KV cache, shown whole at every step),
         summarised once: where an earlier record showed the start of this memory, only the elements
         beyond it are summarised, and joined to its statistics. Summarising the whole cache at every
         step would cost a tenth of a decode step; this costs a few numbers per new position."""
         if not tensor.is_contiguous():
-            return self._summarised(tensor, (tensor.data_ptr(), n, tensor.dtype, tensor.device), n, now=False)
+            return self._summarised(tensor, key, n, now=False)
         where = (tensor.data_ptr(), tensor.dtype, tensor.device)
-        flat = tensor.reshape(-1)  # (n): a view, the memory is contiguous
         before = self._lasting.get(where)
         if before is not None and before[0] == n:
             later = before[1]
         elif before is not None and before[0] < n:
-            new = flat[before[0]:]  # (n - before): the positions written since
-            later = Joined(before[1], self._summarised(new, (new.data_ptr(), new.numel(), new.dtype, new.device),
-                                                       new.numel(), now=False))
+            new = tensor.reshape(-1)[before[0]:]  # (n - before): the positions written since (a view: contiguous)
+            later = Joined(before[1], self._summarised(new, (new.data_ptr(), n - before[0], *where[1:]), n - before[0],
+                                                       now=False))
             self._joins.append(later)
         else:
-            later = self._summarised(flat, (flat.data_ptr(), n, flat.dtype, flat.device), n, now=False)
+            later = self._summarised(tensor, key, n, now=False)
         self._lasting[where] = (n, later, tensor)
         return later
 
