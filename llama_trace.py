@@ -14,6 +14,7 @@ imports this module when, and only when, Python was started as `python -m trace`
 import importlib.util
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 _PACKAGE = Path(__file__).resolve().parent / "trace"
 
@@ -47,10 +48,11 @@ def install_python_m_hook() -> Path:
     return path
 
 
-def main() -> int:
-    from trace.cli import main as cli_main
-    return cli_main()
+def main() -> NoReturn:
+    """The `llama-trace` command: `python -m trace` from anywhere. It ends the process."""
+    from trace.cli import run_as_command
+    run_as_command()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -8,9 +8,8 @@ as they are. Llama 3.1's RoPE scaling comes as the tensor rope_freqs.
 """
 import re
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import gguf
 import numpy as np
 import torch
 
@@ -21,6 +20,9 @@ from .inputs import regular_file
 from .tokenizer import Tokenizer
 from .weights import LayerWeights, Weights
 
+if TYPE_CHECKING:  # (the package is imported where a GGUF file is read: a run from the parsed copy never needs it)
+    import gguf
+
 # How the gguf package says that a tensor's type id is not one it knows (a type newer than the
 # package, or one llama.cpp has dropped, such as 31-33, the Q4_0_4_4 family).
 _UNKNOWN_TYPE = re.compile(r"(\d+)\)? is not a valid GGMLQuantizationType")
@@ -30,12 +32,13 @@ LAYER_TENSORS = {"attention_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", 
                   "wo": "attn_output", "ffn_norm": "ffn_norm", "w1": "ffn_gate", "w3": "ffn_up", "w2": "ffn_down"}
 
 
-def open_gguf(path: Path) -> gguf.GGUFReader:
+def open_gguf(path: Path) -> "gguf.GGUFReader":
     regular_file(path, "model file")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
         raise UserError(f"not a GGUF file (it does not start with 'GGUF'): {path}")
+    import gguf  # (a tenth of a second, with the yaml it imports)
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # the library raises many kinds on a damaged file
@@ -46,7 +49,7 @@ def open_gguf(path: Path) -> gguf.GGUFReader:
         raise UserError(f"cannot read GGUF file {path}: {e}") from None
 
 
-def read_fields(reader: gguf.GGUFReader) -> dict:
+def read_fields(reader: "gguf.GGUFReader") -> dict:
     """Every metadata key with its value as plain Python (lists for arrays)."""
     try:
         return {name: field.contents() for name, field in reader.fields.items()}
@@ -95,6 +98,7 @@ def _dequantize(tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     if tuple(reversed([int(n) for n in tensor.shape])) != shape:  # GGUF lists dimensions innermost first
         raise UserError(f"tensor {tensor.name} has shape {tuple(reversed(tensor.shape.tolist()))}, but the "
                         f"model's metadata says {shape}")
+    import gguf  # (imported already, by open_gguf)
     try:
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError:
@@ -111,7 +115,7 @@ def _dequantize(tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     return torch.from_numpy(np.ascontiguousarray(values)).to(dtype)
 
 
-def load_weights(reader: gguf.GGUFReader, config: ModelConfig, dtype: torch.dtype = torch.float32,
+def load_weights(reader: "gguf.GGUFReader", config: ModelConfig, dtype: torch.dtype = torch.float32,
                  progress: Progress = None) -> Weights:
     tensors = {t.name: t for t in reader.tensors}
     unsupported = sorted(n for n in tensors if n.endswith(".bias"))
@@ -148,7 +152,7 @@ def load_weights(reader: gguf.GGUFReader, config: ModelConfig, dtype: torch.dtyp
                    output=output, rope_freqs=rope_freqs)
 
 
-def source_and_tied(reader: gguf.GGUFReader) -> tuple[str, bool]:
+def source_and_tied(reader: "gguf.GGUFReader") -> tuple[str, bool]:
     """Where the weights come from, as stage 10 says it, and whether the output head is the embedding
     table (SmolLM2's files have no output.weight)."""
     types = sorted({t.tensor_type.name for t in reader.tensors if len(t.shape) == 2})

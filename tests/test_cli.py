@@ -223,10 +223,11 @@ def test_bfloat16_run_keeps_softmax_and_logits_in_float32():
     assert dtypes["out"] == "bfloat16" and dtypes["logits"] == "float32" and dtypes["probs"] == "float32"
 
 
-def test_a_table_costs_no_plotting_library_and_no_reference_model():
-    """matplotlib and transformers take a second to import: a run that shows tables imports neither."""
+def test_a_table_costs_no_plotting_library_and_no_reference_model(embedded_model):
+    """matplotlib and transformers take a second to import, gguf a tenth: a run that shows tables imports
+    none of them, once the model file has been parsed (the embedded_model fixture did it)."""
     code = ("import sys, llama_trace\nfrom trace import cli\ncli.main(['run', 'Hi', '--max-new-tokens', '1'])\n"
-            "print('imported:', sorted(m for m in ('matplotlib', 'transformers') if m in sys.modules))")
+            "print('imported:', sorted(m for m in ('matplotlib', 'transformers', 'gguf') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "imported: []"

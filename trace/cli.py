@@ -1,10 +1,12 @@
 """`python -m trace`: the command line. Arguments are parsed here; commands.py does the work."""
 import argparse
+import atexit
 import os
 import signal
 import sys
 import threading
 from pathlib import Path
+from typing import NoReturn
 
 from rich.console import Console
 
@@ -371,3 +373,22 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def run_as_command() -> NoReturn:
+    """`main` as the process's whole life (`python -m trace`, `llama-trace`): it then ends at once.
+    Python's teardown of torch takes half a second after the work is done (measured: `import torch`
+    alone exits 0.6 s later than `os._exit`), time a user waits for the prompt. Whatever a program
+    asked to be done at exit still is (atexit, so temporary folders go too); files are closed by then.
+    Threads of Python's own left running (none of ours) get the ordinary exit, which waits for them."""
+    status = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:  # (the reader left after main's own flush: nothing more to tell it)
+        pass
+    run_exit_functions = getattr(atexit, "_run_exitfuncs", None)  # (not in every Python: then the usual way)
+    if run_exit_functions is None or threading.active_count() > 1:
+        sys.exit(status)
+    run_exit_functions()
+    os._exit(status)
