@@ -27,9 +27,9 @@ from .checkpoint import Checkpoint, Progress
 from .errors import UserError
 from .gguf_model import (checkpoint_from_fields, config_from_fields, load_weights, open_gguf, read_fields, read_gguf,
                          source_and_tied)
-from .weights import LayerWeights, Weights, shapes_only_weights
+from .weights import LayerWeights, Weights, is_tall, shapes_only_weights
 
-FORMAT = 2  # raised whenever what the folder holds changes
+FORMAT = 3  # raised whenever what the folder holds changes (3: tall weights stored transposed)
 STALE_PARTIAL_S = 3600  # a half-written folder older than this was left by a writer that was killed
 LAYER_NAMES = [f.name for f in dataclass_fields(LayerWeights)]
 
@@ -43,6 +43,12 @@ def _flat(weights: Weights) -> dict[str, torch.Tensor]:
     for i, layer in enumerate(weights.layers):
         flat.update({f"layers.{i}.{name}": getattr(layer, name) for name in LAYER_NAMES})
     return flat
+
+
+def _stored(flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors as the file holds them: a tall weight (see stages.weights.for_decoding) as its
+    transpose, in memory order, so that the weight read back from it is already laid out for decoding."""
+    return {name: t.t().contiguous() if is_tall(t) else t for name, t in flat.items()}
 
 
 def _unflat(flat: dict[str, torch.Tensor], n_layers: int) -> Weights:
@@ -70,10 +76,11 @@ def _read(folder: Path, made_from: str, path: Path, dtype: torch.dtype, shapes_o
         weights = None
         if not shapes_only:
             config = config_from_fields(meta["fields"])
-            flat = load_file(folder / "weights.safetensors")
+            stored = load_file(folder / "weights.safetensors")
             expected = _flat(shapes_only_weights(config, torch.float32, meta["tied"]))
-            if any(name not in flat or flat[name].shape != t.shape for name, t in expected.items()):
+            if any(name not in stored or stored[name].shape != s.shape for name, s in _stored(expected).items()):
                 return None
+            flat = {name: stored[name].t() if is_tall(t) else stored[name] for name, t in expected.items()}
             weights = _unflat(flat, config.n_layers).to(torch.device("cpu"), dtype)
         return checkpoint_from_fields(path, meta["fields"], lambda config: weights, meta["source"], meta["tied"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError, UserError):
@@ -94,7 +101,7 @@ def _write(path: Path, folder: Path, made_from: str, fields: dict, weights: Weig
     made = []  # folders of ours to remove at the end, whatever happens
     try:
         made.append(tmp := Path(tempfile.mkdtemp(dir=folder.parent, prefix=folder.name + ".partial.")))
-        save_file(_flat(weights), tmp / "weights.safetensors")
+        save_file(_stored(_flat(weights)), tmp / "weights.safetensors")
         meta = {"format": FORMAT, "made_from": made_from, "weights": _identity(tmp / "weights.safetensors"),
                 "fields": fields, "source": source, "tied": tied}
         (tmp / "model.json").write_text(json.dumps(meta), encoding="utf-8")
@@ -126,7 +133,7 @@ def read_parsed_once(path: Path, made_from: str, dtype: torch.dtype = torch.floa
     reader = open_gguf(path)
     fields = read_fields(reader)
     config = config_from_fields(fields)
-    weights = load_weights(reader, config, torch.float32, progress)
+    weights = load_weights(reader, config, torch.float32, progress).for_decoding()  # (one copy, kept and stored)
     source, tied = source_and_tied(reader)
     _write(path, folder, made_from, fields, weights, source, tied)
     return checkpoint_from_fields(path, fields, lambda config: weights.to(torch.device("cpu"), dtype), source, tied)

@@ -60,6 +60,23 @@ def test_the_parsed_copy_holds_the_same_model(gguf_copy, direct):
     assert read_parsed_once(gguf_copy, IDENTITY, shapes_only=True).weights is None
 
 
+def test_tall_weights_come_from_the_copy_laid_out_for_decoding(gguf_copy, direct):
+    """w1, w3 and the (tied) output head are stored transposed, so that they are read back stored
+    column by column (stages.weights.for_decoding) without a copy; the others row by row."""
+    read_parsed_once(gguf_copy, IDENTITY)  # (writes the copy where an earlier test has not)
+    model = read_parsed_once(gguf_copy, IDENTITY)
+    stored = load_file(parsed(gguf_copy) / "weights.safetensors")
+    layer = model.weights.layers[2]
+    for name in ("w1", "w3"):
+        w = getattr(layer, name)
+        assert w.shape == getattr(direct.weights.layers[2], name).shape and w.stride() == (1, w.shape[0]), name
+        assert stored[f"layers.2.{name}"].shape == w.shape[::-1]
+    for name in ("wq", "wk", "wv", "wo", "w2"):
+        assert getattr(layer, name).is_contiguous(), name
+    output = model.weights.output
+    assert output is model.weights.tok_embeddings and output.stride() == (1, output.shape[0])
+
+
 def test_a_copy_made_from_another_file_is_replaced(gguf_copy, direct):
     read_parsed_once(gguf_copy, IDENTITY)
     model = read_parsed_once(gguf_copy, "the file was rewritten since")

@@ -98,6 +98,21 @@ def test_statistics_computed_as_the_run_goes_are_those_of_the_values(embedded_mo
         assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * v.abs().max().item()), (a.step, a.layer, a.stage, a.name)
 
 
+def test_statistics_of_weights_whatever_their_layout_are_those_of_the_values(embedded_model):
+    """Tall weights are stored column by column (stages.weights.for_decoding), the others row by row."""
+    trace = traced_run(embedded_model, "Hi", chat=False, max_new_tokens=1)
+    layer = embedded_model.weights.layers[0]
+    shown = {"w1": layer.w1, "w2": layer.w2, "output": embedded_model.weights.output}
+    assert not layer.w1.is_contiguous() and layer.w2.is_contiguous()
+    for r in trace.records:
+        if r.role == "weight" and r.name in shown and r.layer in (0, None):
+            v = shown[r.name].double()
+            expected = torch.tensor([v.min(), v.max(), v.mean(), v.std(unbiased=False)], dtype=torch.float64)
+            got = torch.tensor(list(r.stats.values()), dtype=torch.float64)
+            assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * v.abs().max().item()), r.name  # (float32 sums)
+            assert torch.equal(r.values, shown[r.name][:8, :16]), r.name  # the corner kept for previews
+
+
 def test_statistics_of_the_cache_are_joined_step_by_step_and_travel_pickled(tiny):
     """The filled part of the KV cache is summarised once, the positions new at each step joined to the
     earlier ones, once for all the records that show it; a finished trace holds no tensor it does not
