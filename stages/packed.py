@@ -27,7 +27,7 @@ from .model import Model
 from .norm import attention_prenorm, rms_norm
 from .output import Sampling, choose_next
 from .rope import reorder
-from .weights import LayerWeights
+from .weights import LayerWeights, for_decoding
 
 # vLLM's packed_modules_mapping, in Meta's names: each packed weight is these tensors' rows, in this order.
 PACKED_MODULES = (("qkv_proj", ("wq", "wk", "wv")), ("gate_up_proj", ("w1", "w3")))
@@ -68,7 +68,7 @@ class PackedLayer:
     qkv_proj: torch.Tensor  # ((H+2·Hkv)·Dh, D): wq's rows, wk's (both in rotate-half order), wv's
     wo: torch.Tensor  # (D, H·Dh); o_proj
     ffn_norm: torch.Tensor  # (D); post_attention_layernorm
-    gate_up_proj: torch.Tensor  # (2·F, D): w1's rows, then w3's
+    gate_up_proj: torch.Tensor  # (2·F, D): w1's rows, then w3's; stored column by column, as they are
     w2: torch.Tensor  # (D, F); down_proj
 
 
@@ -78,7 +78,7 @@ def pack_layer(layer: LayerWeights, head_dim: int) -> PackedLayer:
     wq = reorder(layer.wq, head_dim, "rotate-half", dim=0)  # (H·Dh, D)
     wk = reorder(layer.wk, head_dim, "rotate-half", dim=0)  # (Hkv·Dh, D)
     return PackedLayer(attention_norm=layer.attention_norm, qkv_proj=torch.cat([wq, wk, layer.wv]), wo=layer.wo,
-                       ffn_norm=layer.ffn_norm, gate_up_proj=torch.cat([layer.w1, layer.w3]), w2=layer.w2)
+                       ffn_norm=layer.ffn_norm, gate_up_proj=for_decoding(torch.cat([layer.w1, layer.w3])), w2=layer.w2)
 
 
 def calculate_qkv(x: torch.Tensor, qkv_proj: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .errors import UserError
 from .hooks import record
-from .weights import LayerWeights, Weights
+from .weights import LayerWeights, Weights, for_decoding, is_tall
 
 # Which dimension of each weight is split over the ranks: 0, its output rows (column-parallel);
 # 1, its input columns (row-parallel). The rest are held whole by every rank.
@@ -64,13 +64,15 @@ def check_divisible(config: ModelConfig, world: int) -> None:
 
 
 def shard_weights(weights: Weights, shard: Shard) -> Weights:
-    """The slices of `weights` that rank `shard.rank` holds (SPLIT_DIM), as contiguous tensors of their own."""
+    """The slices of `weights` that rank `shard.rank` holds (SPLIT_DIM), as tensors of their own: stored
+    row by row, or column by column where the slice is tall (stages.weights.for_decoding)."""
     def part(name: str, w: torch.Tensor) -> torch.Tensor:
         if name not in SPLIT_DIM:
             return w
         dim = SPLIT_DIM[name]
         rows = shard.part(w.shape[dim])
-        return w.narrow(dim, rows.start, len(rows)).contiguous()
+        sliced = w.narrow(dim, rows.start, len(rows))
+        return for_decoding(sliced) if is_tall(sliced) else sliced.contiguous()
 
     layers = [LayerWeights(**{name: part(name, w) for name, w in vars(layer).items()}) for layer in weights.layers]
     tok_embeddings = part("tok_embeddings", weights.tok_embeddings)
