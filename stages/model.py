@@ -24,7 +24,7 @@ class Model:
     @classmethod
     def build(cls, name: str, config: ModelConfig, weights: Weights, tokenizer: Tokenizer | None,
               device: torch.device, dtype: torch.dtype = torch.float32, source: str = "") -> "Model":
-        return cls(name, config, weights.to(device, dtype).for_decoding(), tokenizer, source)
+        return cls(name, config, weights.to(device, dtype, decoding=True), tokenizer, source)
 
     def rotations(self, end: int) -> torch.Tensor:
         """freqs_cis (end, Dh/2) for positions 0..end-1. The table grows to what runs need, not to

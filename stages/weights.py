@@ -1,6 +1,7 @@
 """The model's parameters, under Meta's names, in the shape torch.nn.Linear uses
 (out_features, in_features)."""
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import torch
 
@@ -36,11 +37,8 @@ class LayerWeights:
     w3: torch.Tensor  # (F, D) up
     w2: torch.Tensor  # (D, F) down
 
-    def to(self, device, dtype) -> "LayerWeights":
-        return LayerWeights(**{f.name: getattr(self, f.name).to(device, dtype) for f in fields(self)})
-
-    def for_decoding(self) -> "LayerWeights":
-        return LayerWeights(**{f.name: for_decoding(getattr(self, f.name)) for f in fields(self)})
+    def each(self, change: Callable[[torch.Tensor], torch.Tensor]) -> "LayerWeights":
+        return LayerWeights(**{f.name: change(getattr(self, f.name)) for f in fields(self)})
 
 
 @dataclass
@@ -56,21 +54,20 @@ class Weights:
         """The output head is the embedding table itself (one tensor, one parameter)."""
         return self.output is self.tok_embeddings
 
-    def to(self, device, dtype) -> "Weights":
-        tok_embeddings = self.tok_embeddings.to(device, dtype)
-        tied = self.tied
-        return Weights(tok_embeddings=tok_embeddings,
-                       layers=[layer.to(device, dtype) for layer in self.layers],
-                       norm=self.norm.to(device, dtype),
-                       output=tok_embeddings if tied else self.output.to(device, dtype),
+    def each(self, change: Callable[[torch.Tensor], torch.Tensor]) -> "Weights":
+        """`change` made to every weight, one at a time (a tied output head stays the embedding table)."""
+        tok_embeddings = change(self.tok_embeddings)
+        return Weights(tok_embeddings=tok_embeddings, layers=[layer.each(change) for layer in self.layers],
+                       norm=change(self.norm), output=tok_embeddings if self.tied else change(self.output),
                        rope_freqs=self.rope_freqs)  # frequencies stay float32: they make the rotation table
 
-    def for_decoding(self) -> "Weights":
-        """Every tall weight stored column by column (see for_decoding); the others as they are."""
-        tok_embeddings = for_decoding(self.tok_embeddings)  # (a lookup reads its rows as fast either way)
-        return Weights(tok_embeddings=tok_embeddings, layers=[layer.for_decoding() for layer in self.layers],
-                       norm=self.norm, output=tok_embeddings if self.tied else for_decoding(self.output),
-                       rope_freqs=self.rope_freqs)
+    def to(self, device, dtype, decoding: bool = False) -> "Weights":
+        """On `device` in `dtype` (stored as they were); with `decoding`, every tall weight stored column
+        by column (see for_decoding), each as it is moved: one weight's copy at a time."""
+        def moved(weight: torch.Tensor) -> torch.Tensor:
+            weight = weight.to(device, dtype)  # (keeps the strides: a weight stored column by column stays so)
+            return for_decoding(weight) if decoding else weight
+        return self.each(moved)
 
 
 def shapes_only_weights(config: ModelConfig, dtype: torch.dtype, tied: bool) -> Weights:
