@@ -80,7 +80,8 @@ def _read(folder: Path, made_from: str, path: Path, dtype: torch.dtype, shapes_o
             expected = _flat(shapes_only_weights(config, torch.float32, meta["tied"]))
             if any(name not in stored or stored[name].shape != s.shape for name, s in _stored(expected).items()):
                 return None
-            flat = {name: stored[name].t() if is_tall(t) else stored[name] for name, t in expected.items()}
+            tall = {name for name, t in expected.items() if is_tall(t)}
+            flat = {name: t.t() if name in tall else t for name, t in stored.items()}  # (rope_freqs too)
             weights = _unflat(flat, config.n_layers).to(torch.device("cpu"), dtype)
         return checkpoint_from_fields(path, meta["fields"], lambda config: weights, meta["source"], meta["tied"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError, UserError):

@@ -15,12 +15,18 @@ def is_tall(weight: torch.Tensor) -> bool:
 
 
 def for_decoding(weight: torch.Tensor) -> torch.Tensor:
-    """`weight` (out, in) as it is or, where it is tall (the FFN's w1 and w3, the output head), the
-    same (out, in) values stored column by column (strides (1, out)). A decode step multiplies one
-    token's vector by every weight, and torch's product on the CPU reads a tall weight 1.5-1.8× as
-    fast laid out so (other shapes are as fast or slower: measured, README's Speed and memory). The
-    shape, the values and the formula stay the diagrams'; only the order of the sums changes."""
-    if not is_tall(weight) or weight.stride() == (1, weight.shape[0]):
+    """`weight` (out, in) as it is or, where it is tall (the FFN's w1 and w3, the output head) and
+    float32 on the CPU, the same (out, in) values stored column by column (strides (1, out)). A
+    decode step multiplies one token's vector by every weight, and torch's float32 product on the
+    CPU reads a tall weight 1.5-1.8× as fast laid out so (other shapes are as fast or slower:
+    measured, README's Speed and memory). In float16 and bfloat16 it is 2-30× slower so, and on a
+    GPU it is not measured: there a tall weight is stored row by row. The shape, the values and the
+    formula stay the diagrams'; only the order of the sums changes."""
+    if not is_tall(weight):
+        return weight
+    if weight.dtype != torch.float32 or weight.device.type != "cpu":
+        return weight.contiguous()  # (one read from the parsed copy comes column by column)
+    if weight.stride() == (1, weight.shape[0]):
         return weight
     return weight.t().contiguous().t()  # (in, out) in memory, read as (out, in)
 
@@ -62,11 +68,13 @@ class Weights:
                        rope_freqs=self.rope_freqs)  # frequencies stay float32: they make the rotation table
 
     def to(self, device, dtype, decoding: bool = False) -> "Weights":
-        """On `device` in `dtype` (stored as they were); with `decoding`, every tall weight stored column
-        by column (see for_decoding), each as it is moved: one weight's copy at a time."""
+        """On `device` in `dtype` (stored as they were); with `decoding`, every tall weight that a product
+        reads stored for it (see for_decoding), each as it is moved: one weight's copy at a time."""
+        table = None if self.tied else self.tok_embeddings  # only looked up, by rows: left as it comes
+
         def moved(weight: torch.Tensor) -> torch.Tensor:
-            weight = weight.to(device, dtype)  # (keeps the strides: a weight stored column by column stays so)
-            return for_decoding(weight) if decoding else weight
+            placed = weight.to(device, dtype)  # (keeps the strides: a weight stored column by column stays so)
+            return for_decoding(placed) if decoding and weight is not table else placed
         return self.each(moved)
 
 

@@ -179,6 +179,15 @@ def test_rope_freqs_are_read_as_the_file_stores_them(scaled):
     assert torch.equal(model.weights.rope_freqs, torch.from_numpy(stored))
 
 
+def test_rope_freqs_come_back_from_the_parsed_copy(scaled):
+    path, _, _ = scaled
+    from stages.parsed_cache import read_parsed_once
+    first, again = (read_parsed_once(path, "made-up identity") for _ in range(2))  # parses, then reads the copy
+    assert (path.with_name(path.name + ".parsed") / "weights.safetensors").is_file()
+    stored = torch.from_numpy(dequantized(path)["rope_freqs.weight"])
+    assert torch.equal(first.weights.rope_freqs, stored) and torch.equal(again.weights.rope_freqs, stored)
+
+
 def test_every_stage_matches_transformers_with_rope_freqs(scaled):
     path, unscaled, hf = scaled
     ids = torch.randint(2, CONFIG.vocab_size, (48,), generator=torch.Generator().manual_seed(5)).tolist()

@@ -177,6 +177,18 @@ def test_adamw_updates_are_recorded_and_are_the_weights_change(pair):
     assert not any(p.requires_grad for _, _, _, p in weight_places(model.weights))
 
 
+def test_training_changes_the_weights_held_and_stores_them_row_by_row(pair):
+    """Tall weights are stored column by column for decoding (stages.weights.for_decoding); training
+    stores them row by row, in place: a weight held before training is the trained one."""
+    model, _ = pair
+    w1, head = model.weights.layers[0].w1, model.weights.output
+    assert not w1.is_contiguous() and not head.is_contiguous()
+    before = w1.clone()
+    train(model, stream(B * T + 1, seed=5), TrainingSetup(batch=B, seq=T, steps=1))
+    assert model.weights.layers[0].w1 is w1 and model.weights.output is head
+    assert w1.is_contiguous() and head.is_contiguous() and not torch.equal(w1, before)
+
+
 def test_the_capture_budget_holds_for_gradients(pair):
     model, _ = pair
     budget = 256 * 1024

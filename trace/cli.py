@@ -382,13 +382,13 @@ def run_as_command() -> NoReturn:
     asked to be done at exit still is (atexit, so temporary folders go too); files are closed by then.
     Threads of Python's own left running (none of ours) get the ordinary exit, which waits for them."""
     status = main()
+    run_exit_functions = getattr(atexit, "_run_exitfuncs", None)  # (not in every Python: then the usual way)
+    if run_exit_functions is None or threading.active_count() > 1:
+        sys.exit(status)
+    run_exit_functions()
     try:
         sys.stdout.flush()
         sys.stderr.flush()
     except OSError:  # (the reader left after main's own flush: nothing more to tell it)
         pass
-    run_exit_functions = getattr(atexit, "_run_exitfuncs", None)  # (not in every Python: then the usual way)
-    if run_exit_functions is None or threading.active_count() > 1:
-        sys.exit(status)
-    run_exit_functions()
     os._exit(status)
