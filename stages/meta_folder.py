@@ -185,8 +185,9 @@ class Shards:
                 raise UserError(f"the shards disagree on the values of {name}, which each should hold whole")
             return pieces[0].to(dtype)
         if len(pieces) == 1:
-            return pieces[0].to(dtype)  # no copy where the file has the run's dtype: it stays memory-mapped
-            # (unless it is tall and float32: then the model stores it column by column, stages.weights)
+            # No copy where the file has the run's dtype: it stays memory-mapped (unless it is tall and
+            # float32: the model then stores it column by column, stages.weights.for_decoding).
+            return pieces[0].to(dtype)
         whole = torch.empty(shape, dtype=dtype)
         for i, piece in enumerate(pieces):  # each slice cast as it is copied: no second copy of the whole
             whole.narrow(axis, i * piece.shape[axis], piece.shape[axis]).copy_(piece)
