@@ -77,7 +77,8 @@ def test_statistics_are_those_of_the_values(tiny):
 
 def test_statistics_computed_as_the_run_goes_are_those_of_the_values(embedded_model):
     """Without kept values, statistics are computed during the run (small tensors in one batched pass
-    per step, repetitions as one copy): they equal those of the values a full capture keeps."""
+    per step, repetitions as one copy, the blocks after a step's first through the plan learned from
+    it): they equal those of the values a full capture keeps."""
     ids = embedded_model.tokenizer.encode("The capital of France is", add_bos=False)
     runs = {}
     for label, capture in (("statistics", Capture(rules=())), ("values", Capture.everything())):
@@ -96,6 +97,20 @@ def test_statistics_computed_as_the_run_goes_are_those_of_the_values(embedded_mo
         expected = torch.tensor([v.min(), v.max(), v.mean(), v.std(unbiased=False)], dtype=torch.float64)
         got = torch.tensor(list(a.stats.values()), dtype=torch.float64)
         assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * v.abs().max().item()), (a.step, a.layer, a.stage, a.name)
+
+
+def test_a_copy_shown_inside_a_block_is_summarised_before_it_is_written_over():
+    """A block that keeps no values is made into records when it ends (trace.layer_plan), but a tensor
+    shown with copy=True is written in place later: its statistics are those it had when shown."""
+    recorder = Recorder(Capture(rules=()))
+    x = torch.arange(6.0)
+    with hooks.recording(recorder), torch.no_grad():
+        recorder.at(step=1, layer=0)
+        record(6, "attention_norm", torch.ones(6))
+        record(6, "x", x, copy=True)
+        x += 100
+        recorder.at(layer=1)
+    assert [r.stats["max"] for r in recorder.records] == [1.0, 5.0]
 
 
 def test_statistics_of_weights_whatever_their_layout_are_those_of_the_values(embedded_model):

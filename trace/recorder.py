@@ -18,6 +18,10 @@ from stages.pipelines import PLAIN, Pipeline
 from stages.registry import TensorSpec
 from stages.training_stages import GRAD, UPDATE, WEIGHT_GRAD, grad_name
 
+from .heap import old_objects_frozen
+from .layer_plan import Call, LayerPlan, Planned, learn, signature_of
+from .sums import Joined, Later, Sums, finish_waiting, finished, group_key, sums_of
+
 STAT_NAMES = ("min", "max", "mean", "std")
 WEIGHT_CORNER = (8, 16)  # rows, columns of a weight kept for previews
 UPDATE_CORNER = (64, 64)  # of a weight's gradient and update: enough for a heatmap of how it changes
@@ -49,12 +53,12 @@ class TensorRecord:
     def stats(self) -> dict[str, float] | None:
         if self._stats is None:
             # Values kept exactly give their statistics only when asked for: the run stays fast.
-            sums = self._sums if self._sums is not None or self._values is None else _sums(self._values)
+            sums = self._sums if self._sums is not None or self._values is None else sums_of(self._values)
             if isinstance(sums, Later):
                 sums = sums.sums()
             if sums is None:
                 return None
-            self._stats = _finish(sums)
+            self._stats = finished(sums)
         return dict(zip(STAT_NAMES, self._stats.tolist(), strict=True))
 
     @property
@@ -88,121 +92,6 @@ _DTYPE_NAMES: dict[torch.dtype, str] = {}
 _REAL_DTYPES = {torch.complex32: torch.float16, torch.complex64: torch.float32, torch.complex128: torch.float64}
 
 
-# A tensor's (min, max, sum, L2 norm) as a (4) tensor, still on its device, and how many numbers
-# they summarise. Four reductions and nothing else during the run: mean and standard deviation
-# are made from them when first shown (a dozen small operations per tensor, ~2,000 tensors per
-# step, would cost more than the reductions themselves).
-# Batched statistics are held as a plain list of the four numbers (one transfer for the whole batch).
-Sums = tuple[torch.Tensor | list[float], int]
-
-
-def _summed(t: torch.Tensor) -> torch.Tensor:
-    """`t` as real numbers that sum accurately: complex as pairs, integers as float64, halves as float32.
-    A weight stored column by column (stages.weights.for_decoding) is read in its memory's order:
-    the statistics are those of the same numbers, and torch.aminmax would copy it first."""
-    if t.dim() == 2 and not t.is_contiguous() and t.t().is_contiguous():
-        t = t.t()
-    real = torch.view_as_real(t) if t.is_complex() else t
-    if not real.is_floating_point():
-        return real.double()
-    return real.float() if real.itemsize < 4 else real
-
-
-def _sums(t: torch.Tensor) -> Sums | None:
-    if t.numel() == 0:
-        return None
-    real = _summed(t)
-    lo, hi = torch.aminmax(real)
-    # A sum and a norm are one fast pass each; torch.std_mean and float64 accumulation are ten times
-    # slower, and the trace must stay cheap.
-    return torch.stack([lo, hi, real.sum(), _norm(real)]), real.numel()
-
-
-NORM_ROW = 4096  # the norm of a larger tensor is taken by rows of this many numbers, then of their norms
-
-
-def _norm(real: torch.Tensor) -> torch.Tensor:
-    """The L2 norm, as accurate as the sum's pairwise accumulation: over tens of millions of numbers
-    (the output head), torch's float32 vector_norm drifts by 2e-3 (the std shown moved in its third
-    digit), by rows it stays within 1e-7, and it is no slower."""
-    if real.numel() <= 16 * NORM_ROW:
-        return torch.linalg.vector_norm(real)
-    flat = real.reshape(-1)
-    whole = flat.numel() // NORM_ROW * NORM_ROW
-    return torch.linalg.vector_norm(torch.cat([torch.linalg.vector_norm(flat[:whole].view(-1, NORM_ROW), dim=1),
-                                               flat[whole:]]))
-
-
-class Later:
-    """Statistics that the records of one memory share, computed now or later: small tensors wait
-    for their step's batched pass (holding the tensor until then; asked for sooner, or pickled, it
-    is summarised alone). A pickled one travels as its statistics."""
-    __slots__ = ("_tensor", "_sums")
-
-    def __init__(self, tensor: torch.Tensor | None, sums: Sums | None = None):
-        self._tensor, self._sums = tensor, sums
-
-    def sums(self) -> Sums | None:
-        if self._tensor is not None:
-            self.done(_sums(self._tensor))
-        return self._sums
-
-    def done(self, sums: Sums | None) -> None:
-        self._sums, self._tensor = sums, None
-
-    def __reduce__(self):
-        return Later, (None, self.sums())
-
-
-class Joined(Later):
-    """The statistics of two pieces of memory together: the part of the KV cache that earlier steps
-    filled (already summarised) and the positions this step wrote (see Recorder._lasting)."""
-    __slots__ = ("_parts",)
-
-    def __init__(self, first: Later, second: Later):
-        super().__init__(None)
-        self._parts: tuple[Later, Later] | None = (first, second)
-
-    def sums(self) -> Sums | None:
-        unfinished = [self]  # (asked before the step's pass, earlier steps' may wait too: a loop, not recursion)
-        while unfinished[-1]._parts is not None and isinstance(earlier := unfinished[-1]._parts[0], Joined):
-            unfinished.append(earlier)
-        for joined in reversed(unfinished):  # the earliest first
-            if joined._parts is not None:
-                first, second = joined._parts
-                joined.done(_joined(first.sums(), second.sums()))
-                joined._parts = None
-        return self._sums
-
-
-def _joined(a: Sums | None, b: Sums | None) -> Sums | None:
-    """(min, max, sum, L2 norm) of two pieces from each one's."""
-    if a is None or b is None:
-        return a or b
-    (lo_a, hi_a, total_a, norm_a), (lo_b, hi_b, total_b, norm_b) = (
-        s[0] if isinstance(s[0], list) else s[0].tolist() for s in (a, b))
-    nan = lo_a != lo_a or lo_b != lo_b  # (min and max of Python floats would drop a NaN)
-    return ([math.nan if nan else min(lo_a, lo_b), math.nan if nan else max(hi_a, hi_b), total_a + total_b,
-             math.hypot(norm_a, norm_b)], a[1] + b[1])
-
-
-def _batched_sums(tensors: list[torch.Tensor]) -> list[Sums]:
-    """`_sums` of many small non-empty tensors, in four reductions per shape: tensors of one shape are
-    stacked into rows and reduced row by row (a decode step shows ~500 small tensors in a dozen
-    shapes; one at a time, the overhead of each operation would cost more than the arithmetic)."""
-    by_shape: dict[tuple, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_shape.setdefault((t.shape, t.dtype, t.device), []).append(i)
-    sums: list[Sums | None] = [None] * len(tensors)
-    for members in by_shape.values():
-        m = _summed(torch.stack([tensors[i] for i in members])).reshape(len(members), -1)  # (k, n)
-        # (amin and amax: torch.aminmax along a dimension is several times slower on the CPU)
-        table = torch.stack([m.amin(dim=1), m.amax(dim=1), m.sum(dim=1), torch.linalg.vector_norm(m, dim=1)],
-                            dim=1)  # (k, 4)
-        for i, row in zip(members, table.tolist(), strict=True):  # rows as lists: no tensor per row
-            sums[i] = (row, m.shape[1])
-    return sums
-
 
 def _corner(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """A copy of the first rows and columns of a weight-sized tensor (of a vector, the first columns)."""
@@ -210,13 +99,6 @@ def _corner(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return (t[:rows, :cols] if t.dim() == 2 else t[:cols]).clone()
 
 
-def _finish(sums: Sums) -> torch.Tensor:
-    """(4) float64: min, max, mean and standard deviation, from the sums."""
-    (lo, hi, total, norm), n = (sums[0] if isinstance(sums[0], list) else sums[0].tolist()), sums[1]
-    mean = total / n
-    variance = norm * norm / n - mean * mean  # nan where the values hold infinities (the mask)
-    std = variance if variance != variance else math.sqrt(max(variance, 0.0))
-    return torch.tensor([lo, hi, mean, std], dtype=torch.float64)
 
 
 @dataclass(frozen=True)
@@ -303,7 +185,8 @@ class Capture:
 class Recorder:
     def __init__(self, capture: Capture = Capture(), pipeline: Pipeline = PLAIN, rank: int = 0):
         self.capture, self.pipeline, self.rank = capture, pipeline, rank
-        self._records: list[TensorRecord] = []
+        self._records: list[TensorRecord | Planned] = []  # (see records)
+        self._planned = 0  # how many blocks of _records wait to be made into records
         self.step: int | None = None
         self.layer: int | None = None
         self.kept_bytes = 0
@@ -330,18 +213,38 @@ class Recorder:
         # values), until the backward pass hands autograd's gradient to the hook asked for it.
         self._gradients: dict[int, tuple[torch.Tensor, list[tuple[TensorRecord, bool]]]] = {}
         self._last_cornered: tuple[torch.Tensor | None, Sums | None] = (None, None)
+        # Small tensors waiting for the batched pass, by group_key, where no memory is looked for (see _apply).
+        self._waiting: dict[tuple, list[tuple[torch.Tensor, Later]]] = {}
+        # A place that keeps no values notes its records' arguments here, made into records when it ends.
+        self._calls: list[Call] | None = None
+        self._deferred: list[tuple[LayerPlan, list[Call], list]] = []  # blocks whose plan is applied at the step's end
+        self._plans: dict[tuple, LayerPlan | None] = {}  # this step's, by the stages and names of a block's records
 
     @property
     def records(self) -> list[TensorRecord]:
+        """Every record, in the order made. The records of a block made through a plan are made into
+        TensorRecords only now, after the run."""
         self._flush()
+        if self._planned:
+            rank, made = self.rank, []
+            with old_objects_frozen():  # (tens of thousands of new objects: see trace.heap)
+                for item in self._records:
+                    if type(item) is Planned:
+                        made.extend([TensorRecord(item.step, item.layer, *fixed, rank, None, sums)
+                                     for fixed, sums in zip(item.plan.fixed, item.sums, strict=True)])
+                    else:
+                        made.append(item)
+            self._records, self._planned = made, 0
         return self._records
 
     def at(self, **where: int | None) -> None:
+        self._replay()
         if "step" in where or self._pending_numel > PENDING_NUMEL:  # one batched pass per step, if it is small
             self._flush()
         if "step" in where:
             self._gradients.clear()  # (a tensor whose gradient never came: it did not lead to the loss)
             self._last_cornered = (None, None)
+            self._plans.clear()  # (shapes change from step to step)
         for key, value in where.items():
             setattr(self, key, value)
         self._sums_here.clear()
@@ -350,14 +253,83 @@ class Recorder:
         # Which rules can keep values here is asked once per step and layer, not once per record.
         self._rules_here = tuple(r for r in self.capture.rules if r.matches_place(self.step, self.layer))
         self._keeps_here.clear()
+        # A block whose values no rule keeps, outside training, is noted and made into records at its end.
+        if self.layer is not None and self.step is not None and not self._rules_here and not torch.is_grad_enabled():
+            self._note_calls()
+
+    def _note_calls(self) -> None:
+        """From now until the place ends, `record` only notes its arguments (see trace.layer_plan). The
+        recorder's `record` is replaced by a plain function: the cheapest call there is, ~2,000 times a step."""
+        self._calls = calls = []
+        note = calls.append
+
+        def record(stage: int, name: str, tensor: torch.Tensor, copy: bool,
+                   shape: tuple[int, ...] | None = None, lasting: bool = False) -> None:
+            if copy:  # (written in place later: summarised now, and so is the rest of the place)
+                self._replay()
+                Recorder.record(self, stage, name, tensor, copy, shape, lasting)
+            else:
+                note((stage, name, tensor, copy, shape, lasting))
+        self.record = record
+
+    def _replay(self) -> None:
+        """The records of the calls noted since the place began: through the plan of an earlier block
+        with the same records, or one at a time (and a plan learned from them)."""
+        calls = self._calls
+        if calls is None:
+            return
+        self._calls = None
+        del self.record  # (the method again)
+        signature = tuple(map(signature_of, calls))
+        plan = self._plans.get(signature, False)
+        if plan:
+            later: list[Later | Sums | None] = [None] * len(calls)
+            self._records.append(Planned(plan, later, self.step, self.layer))
+            self._planned += 1
+            self._pending_numel += plan.batched_numel
+            if plan.alone:  # (tensors too large to hold until the step's end)
+                self._apply(plan, calls, later)
+            else:  # at the step's end, all blocks at once: the recorder's own code and data stay in the
+                self._deferred.append((plan, calls, later))  # CPU's caches, which each block's matmuls empty
+            return
+        start = len(self._records)
+        for call in calls:
+            self.record(*call)
+        if plan is False:
+            self._plans[signature] = learn(self._records[start:], calls)
+
+    def _apply(self, plan: LayerPlan, calls: list[Call], later: list) -> None:
+        """The statistics of a block's records, through its plan, into `later`."""
+        for i in plan.weights:
+            later[i] = self._weight(calls[i][2])[0]
+        for i in plan.asked:
+            _, _, tensor, _, _, lasting = calls[i]
+            later[i] = self._statistics(tensor, now=False, lasting=lasting)
+        for i in plan.alone:
+            later[i] = Later(None, sums_of(calls[i][2]))
+        waiting = self._waiting
+        for i, key in plan.batched:
+            tensor = calls[i][2]
+            later[i] = waits = Later(tensor)
+            if key in waiting:
+                waiting[key].append((tensor, waits))
+            else:
+                waiting[key] = [(tensor, waits)]
+        for i, j in plan.shared:
+            later[i] = later[j]
 
     def _flush(self) -> None:
         """The statistics of the small tensors waiting, in one batched pass."""
-        waiting = list(self._pending.values())
+        self._replay()
+        for deferred in self._deferred:
+            self._apply(*deferred)
+        self._deferred.clear()
+        for tensor, later in self._pending.values():
+            self._waiting.setdefault(group_key(tensor), []).append((tensor, later))
+        finish_waiting(self._waiting.values())
         self._pending.clear()
+        self._waiting.clear()
         self._pending_numel = 0
-        for (_, later), sums in zip(waiting, _batched_sums([tensor for tensor, _ in waiting]), strict=True):
-            later.done(sums)
         for joined in self._joins:  # in the order made: each joins statistics finished before it
             joined.sums()
         self._joins.clear()
@@ -395,7 +367,7 @@ class Recorder:
             self._pending[key] = (tensor, later)
             self._pending_numel += n
             return later
-        return Later(None, _sums(tensor))
+        return Later(None, sums_of(tensor))
 
     def _extended(self, tensor: torch.Tensor, key: tuple, n: int) -> Later:
         """The statistics of lasting memory (the filled part of the KV cache, shown whole at every step),
@@ -477,18 +449,10 @@ class Recorder:
         cornered = role in CORNERED
         corner = None
         if role == "weight":
-            # Weights change only in training: their statistics and corner are taken once per weight (the
-            # model's own tensor object, not a detached copy of it) and version, for every run.
-            version = 0 if tensor.is_inference() else tensor._version  # (made under inference_mode: it has none)
-            known = _WEIGHT_STATS.get(id(tensor))
-            if known is None or known[0]() is not tensor or known[1] != version:
-                weight = tensor.detach()
-                known = _WEIGHT_STATS[id(tensor)] = (weakref.ref(tensor), version, _sums(weight),
-                                                     _corner(weight, WEIGHT_CORNER))
-            record._sums, corner = known[2], known[3]
+            record._sums, corner = self._weight(tensor)
         elif cornered:  # a weight's gradient or update: new every training step (a tied weight's, shown twice)
             if self._last_cornered[0] is not tensor:
-                self._last_cornered = (tensor, _sums(tensor))
+                self._last_cornered = (tensor, sums_of(tensor))
             record._sums = self._last_cornered[1]
         keeps = self._keeps_here.get(stage)
         if keeps is None:
@@ -503,6 +467,18 @@ class Recorder:
         # Values kept exactly give their statistics later, when asked for: the run stays fast.
         if not cornered and (record._values is None or record._values.dtype != tensor.dtype):
             record._sums = self._statistics(tensor, now=copy, lasting=lasting)  # (copy: written in place later)
+
+    @staticmethod
+    def _weight(tensor: torch.Tensor) -> tuple[Sums | None, torch.Tensor]:
+        """A weight's statistics and corner. Weights change only in training: these are taken once per
+        weight (the model's own tensor object, not a detached copy of it) and version, for every run."""
+        version = 0 if tensor.is_inference() else tensor._version  # (made under inference_mode: it has none)
+        known = _WEIGHT_STATS.get(id(tensor))
+        if known is None or known[0]() is not tensor or known[1] != version:
+            weight = tensor.detach()
+            known = _WEIGHT_STATS[id(tensor)] = (weakref.ref(tensor), version, sums_of(weight),
+                                                 _corner(weight, WEIGHT_CORNER))
+        return known[2], known[3]
 
     def _ask_for_gradient(self, stage: int, name: str, tensor: torch.Tensor, shape, keeps: bool) -> None:
         """A record of ∂loss/∂tensor, right after the tensor's, filled when the backward pass reaches it.
@@ -520,7 +496,7 @@ class Recorder:
 
     def _gradient_arrived(self, key: int, grad: torch.Tensor) -> None:
         _, records = self._gradients.pop(key)
-        sums, kept = _sums(grad), None
+        sums, kept = sums_of(grad), None
         for record, keeps in records:
             record._sums = sums
             if keeps:  # (autograd may add into this tensor later: a copy is kept)
