@@ -18,6 +18,7 @@ class Sink(Protocol):
 
 
 _sink: Sink | None = None
+_notes: list | None = None  # where the sink asked for the calls to be noted instead (see note_into)
 
 
 def record(stage: int, name: str, tensor: torch.Tensor, copy: bool = False,
@@ -33,7 +34,10 @@ def record(stage: int, name: str, tensor: torch.Tensor, copy: bool = False,
     summarised the start of this memory need only look at what lies beyond it.
     """
     if _sink is not None:
-        _sink.record(stage, name, tensor, copy, shape, lasting)
+        if _notes is not None and not copy:
+            _notes.append((stage, name, tensor, copy, shape, lasting))
+        else:
+            _sink.record(stage, name, tensor, copy, shape, lasting)
     return tensor
 
 
@@ -43,6 +47,14 @@ def at(**where: int | None) -> None:
         _sink.at(**where)
 
 
+def note_into(notes: list | None) -> None:
+    """For the sink: until it says None, append each call's arguments to `notes` instead of calling
+    its `record` (the cheapest thing a call can do; ~2,000 a step), except copies, which it must see
+    while their values are still those shown. The sink takes the notes up at its next `at` or copy."""
+    global _notes
+    _notes = notes
+
+
 def active() -> bool:
     """Whether a sink is listening: work done only to be shown (a copy to diff against) is skipped otherwise."""
     return _sink is not None
@@ -50,9 +62,9 @@ def active() -> bool:
 
 @contextmanager
 def recording(sink: Sink):
-    global _sink
-    previous, _sink = _sink, sink
+    global _sink, _notes
+    previous, _sink, notes, _notes = _sink, sink, _notes, None
     try:
         yield sink
     finally:
-        _sink = previous
+        _sink, _notes = previous, notes

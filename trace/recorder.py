@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from stages.hooks import note_into
 from stages.pipelines import PLAIN, Pipeline
 from stages.registry import TensorSpec
 from stages.training_stages import GRAD, UPDATE, WEIGHT_GRAD, grad_name
 
 from .heap import old_objects_frozen
 from .layer_plan import Call, LayerPlan, Planned, learn, signature_of
-from .sums import Joined, Later, Sums, finish_waiting, finished, group_key, sums_of
+from .sums import Joined, Later, Sums, finished, group_key, summarise_rows, sums_of
 
 STAT_NAMES = ("min", "max", "mean", "std")
 WEIGHT_CORNER = (8, 16)  # rows, columns of a weight kept for previews
@@ -213,8 +214,9 @@ class Recorder:
         # values), until the backward pass hands autograd's gradient to the hook asked for it.
         self._gradients: dict[int, tuple[torch.Tensor, list[tuple[TensorRecord, bool]]]] = {}
         self._last_cornered: tuple[torch.Tensor | None, Sums | None] = (None, None)
-        # Small tensors waiting for the batched pass, by group_key, where no memory is looked for (see _apply).
-        self._waiting: dict[tuple, list[tuple[torch.Tensor, Later]]] = {}
+        # The small tensors waiting for the batched pass, by group_key, and where their statistics go:
+        # (a Later, None) or (a planned block's statistics, which of them) for each run of tensors.
+        self._waiting: dict[tuple, tuple[list[torch.Tensor], list[tuple[Later | list, tuple[int, ...] | None]]]] = {}
         # A place that keeps no values notes its records' arguments here, made into records when it ends.
         self._calls: list[Call] | None = None
         self._deferred: list[tuple[LayerPlan, list[Call], list]] = []  # blocks whose plan is applied at the step's end
@@ -230,6 +232,8 @@ class Recorder:
             with old_objects_frozen():  # (tens of thousands of new objects: see trace.heap)
                 for item in self._records:
                     if type(item) is Planned:
+                        for i, j in item.plan.shared:
+                            item.sums[i] = item.sums[j]
                         made.extend([TensorRecord(item.step, item.layer, *fixed, rank, None, sums)
                                      for fixed, sums in zip(item.plan.fixed, item.sums, strict=True)])
                     else:
@@ -258,19 +262,10 @@ class Recorder:
             self._note_calls()
 
     def _note_calls(self) -> None:
-        """From now until the place ends, `record` only notes its arguments (see trace.layer_plan). The
-        recorder's `record` is replaced by a plain function: the cheapest call there is, ~2,000 times a step."""
-        self._calls = calls = []
-        note = calls.append
-
-        def record(stage: int, name: str, tensor: torch.Tensor, copy: bool,
-                   shape: tuple[int, ...] | None = None, lasting: bool = False) -> None:
-            if copy:  # (written in place later: summarised now, and so is the rest of the place)
-                self._replay()
-                Recorder.record(self, stage, name, tensor, copy, shape, lasting)
-            else:
-                note((stage, name, tensor, copy, shape, lasting))
-        self.record = record
+        """From now until the place ends, the calls are only noted (stages.hooks.note_into), made into
+        records when it ends (see trace.layer_plan)."""
+        self._calls = []
+        note_into(self._calls)
 
     def _replay(self) -> None:
         """The records of the calls noted since the place began: through the plan of an earlier block
@@ -279,7 +274,7 @@ class Recorder:
         if calls is None:
             return
         self._calls = None
-        del self.record  # (the method again)
+        note_into(None)
         signature = tuple(map(signature_of, calls))
         plan = self._plans.get(signature, False)
         if plan:
@@ -306,17 +301,14 @@ class Recorder:
             _, _, tensor, _, _, lasting = calls[i]
             later[i] = self._statistics(tensor, now=False, lasting=lasting)
         for i in plan.alone:
-            later[i] = Later(None, sums_of(calls[i][2]))
+            later[i] = sums_of(calls[i][2])
         waiting = self._waiting
-        for i, key in plan.batched:
-            tensor = calls[i][2]
-            later[i] = waits = Later(tensor)
-            if key in waiting:
-                waiting[key].append((tensor, waits))
-            else:
-                waiting[key] = [(tensor, waits)]
-        for i, j in plan.shared:
-            later[i] = later[j]
+        for key, group in plan.batched:  # (filled by the step's batched pass; shared ones when made: see records)
+            if key not in waiting:
+                waiting[key] = ([], [])
+            tensors, targets = waiting[key]
+            tensors.extend([calls[i][2] for i in group])
+            targets.append((later, group))
 
     def _flush(self) -> None:
         """The statistics of the small tensors waiting, in one batched pass."""
@@ -324,11 +316,24 @@ class Recorder:
         for deferred in self._deferred:
             self._apply(*deferred)
         self._deferred.clear()
+        waiting = self._waiting
         for tensor, later in self._pending.values():
-            self._waiting.setdefault(group_key(tensor), []).append((tensor, later))
-        finish_waiting(self._waiting.values())
+            key = group_key(tensor)
+            if key not in waiting:
+                waiting[key] = ([], [])
+            waiting[key][0].append(tensor)
+            waiting[key][1].append((later, None))
+        for tensors, targets in waiting.values():
+            rows, n = summarise_rows(tensors)
+            row = iter(rows)
+            for target, group in targets:  # a Later, or a planned block's statistics and which of them
+                if group is None:
+                    target.done((next(row), n))
+                else:
+                    for i in group:
+                        target[i] = (next(row), n)
+        waiting.clear()
         self._pending.clear()
-        self._waiting.clear()
         self._pending_numel = 0
         for joined in self._joins:  # in the order made: each joins statistics finished before it
             joined.sums()
@@ -438,6 +443,8 @@ class Recorder:
 
     def record(self, stage: int, name: str, tensor: torch.Tensor, copy: bool,
                shape: tuple[int, ...] | None = None, lasting: bool = False) -> None:
+        if self._calls is not None:  # (a copy, while calls are noted: they come first, and are made now)
+            self._replay()
         spec = self._specs.get((stage, name)) or self._spec(stage, name)
         role = spec.role
         record = TensorRecord(self.step, self.layer, stage, name, role, spec.shape,

@@ -6,7 +6,6 @@ per step (`Later`), and the KV cache, which every step shows whole, is summarise
 as it grows (`Joined`).
 """
 import math
-from collections.abc import Iterable
 
 import torch
 
@@ -108,18 +107,16 @@ def _joined(a: Sums | None, b: Sums | None) -> Sums | None:
              math.hypot(norm_a, norm_b)], a[1] + b[1])
 
 
-def finish_waiting(groups: Iterable[list[tuple[torch.Tensor, Later]]]) -> None:
-    """Gives the waiting statistics their numbers, in four reductions per group of tensors of one
-    shape, dtype and device: stacked into rows and reduced row by row (a decode step shows ~500 small
-    tensors in a dozen shapes; one at a time, the overhead of each operation would cost more than
-    the arithmetic)."""
-    for group in groups:
-        m = _summed(torch.stack([tensor for tensor, _ in group])).reshape(len(group), -1)  # (k, n)
-        # (amin and amax: torch.aminmax along a dimension is several times slower on the CPU)
-        table = torch.stack([m.amin(dim=1), m.amax(dim=1), m.sum(dim=1), torch.linalg.vector_norm(m, dim=1)],
-                            dim=1)  # (k, 4)
-        for (_, later), row in zip(group, table.tolist(), strict=True):  # rows as lists: no tensor per row
-            later.done((row, m.shape[1]))
+def summarise_rows(tensors: list[torch.Tensor]) -> tuple[list[list[float]], int]:
+    """The (min, max, sum, L2 norm) of each of many small tensors of one shape, dtype and device, as
+    rows of Python floats, and how many numbers each row summarises: four reductions for them all,
+    stacked into rows (a decode step shows ~600 small tensors in a dozen shapes; one at a time, the
+    overhead of each operation would cost more than the arithmetic)."""
+    m = _summed(torch.stack(tensors)).reshape(len(tensors), -1)  # (k, n)
+    # (amin and amax: torch.aminmax along a dimension is several times slower on the CPU)
+    table = torch.stack([m.amin(dim=1), m.amax(dim=1), m.sum(dim=1), torch.linalg.vector_norm(m, dim=1)],
+                        dim=1)  # (k, 4)
+    return table.tolist(), m.shape[1]  # (rows as lists: no tensor per row)
 
 
 def group_key(tensor: torch.Tensor) -> tuple:
