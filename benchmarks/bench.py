@@ -48,7 +48,7 @@ from stages.embedded import embedded_model_path  # noqa: E402
 from stages.hooks import recording  # noqa: E402
 from stages.kv_cache import KVCache  # noqa: E402
 from trace import Capture, traced_run  # noqa: E402
-from trace.heap import collections_paused, old_objects_frozen  # noqa: E402
+from trace.heap import generation_heap  # noqa: E402
 from trace.recorder import Recorder  # noqa: E402
 from trace.tracefile import save_trace  # noqa: E402
 
@@ -117,7 +117,7 @@ def run_of(model, ids, capture: Capture | None, n: int):
 
     def traced():
         recorder = Recorder(capture)
-        with recording(recorder), old_objects_frozen(), collections_paused():  # as trace.run does
+        with recording(recorder), generation_heap():  # as trace.run does
             generate(model, ids, n)
         return recorder.records  # (the last step's statistics included)
     return traced

@@ -1,6 +1,7 @@
 """What the trace records: names and order, capture policy, and no cost without a sink."""
 import gc
 import pickle
+import platform
 
 import torch
 
@@ -8,7 +9,7 @@ from stages import STAGES, generate
 from stages import hooks
 from stages.hooks import record
 from trace import Capture, traced_run
-from trace.heap import collections_paused, old_objects_frozen
+from trace.heap import collections_paused, keep_freed_memory, old_objects_frozen
 from trace.recorder import Recorder
 
 # The ordered (stage, tensor) names recorded at the prompt step for layer 0,
@@ -218,6 +219,10 @@ def test_a_traced_generation_makes_no_reference_cycle_so_collections_can_wait(ti
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_freed_memory_is_kept_for_the_next_step_where_the_c_library_is_glibc():
+    assert keep_freed_memory() == (platform.libc_ver()[0] == "glibc")
 
 
 def test_repeated_keys_are_the_cache_seen_n_rep_times_never_a_copy(tiny):

@@ -15,7 +15,7 @@ from stages.tensor_parallel import current as current_shard
 from stages.tensor_ids import NEXT_TOKEN_PROBS
 from stages.training import StepResult, TrainingSetup
 
-from .heap import collections_paused, old_objects_frozen
+from .heap import generation_heap
 from .recorder import Capture, Recorder, TensorRecord, dtype_name
 from .values import counted
 
@@ -194,7 +194,7 @@ def traced_run(model: Model, prompt: str, *, chat: bool = True, max_new_tokens: 
     shard = current_shard()
     recorder = Recorder(capture, pipeline, rank=shard.rank if shard else 0)
     started = time.perf_counter()
-    with recording(recorder), old_objects_frozen(), collections_paused():
+    with recording(recorder), generation_heap():
         if stand_in_tokens is not None:
             prompt_ids = stand_in_prompt(stand_in_tokens)
         else:
