@@ -26,7 +26,8 @@ def record(stage: int, name: str, tensor: torch.Tensor, copy: bool = False,
     """Show `tensor` as `name` of stage `stage`; returns it unchanged.
 
     `copy=True` is for buffers that are later written in place (the tokens):
-    the sink must keep a snapshot, not a reference. `shape` is the shape the
+    the sink must keep a snapshot, not a reference; the numbers of any other
+    tensor may be read as late as the end of the step. `shape` is the shape the
     diagram shows where `tensor` holds it with one dimension split in two (the
     keys repeated for grouped-query attention, a view that a reshape would copy).
     `lasting=True` promises the opposite of `copy`: nothing ever writes these numbers again (the

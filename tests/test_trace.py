@@ -114,6 +114,46 @@ def test_a_copy_shown_inside_a_block_is_summarised_before_it_is_written_over():
     assert [r.stats["max"] for r in recorder.records] == [1.0, 5.0]
 
 
+def _block(recorder, layer, x, normalized, weight):
+    recorder.at(layer=layer)
+    record(6, "x", x)
+    record(6, "attention_norm", weight)
+    record(6, "normalized x", normalized)
+
+
+def test_a_block_unlike_the_first_of_its_step_is_recorded_as_it_is():
+    """Later blocks of a step go through the plan learned from the first (trace.layer_plan) only where
+    their shapes, dtypes and shared memory are those of the first; the numbers are always their own."""
+    recorder = Recorder(Capture(rules=()))
+    x, weight = torch.arange(4.0), torch.ones(4)
+    with hooks.recording(recorder), torch.inference_mode():
+        recorder.at(step=1)
+        _block(recorder, 0, x, x, weight)  # (one tensor shown twice)
+        _block(recorder, 1, x, 10 * x, weight)  # two tensors
+        _block(recorder, 2, torch.arange(5.0), torch.arange(5.0) + 1, torch.ones(5))  # other shapes
+        _block(recorder, 3, x.double(), x.double(), weight.double())  # another dtype
+        recorder.at(layer=None)
+    shown = [(r.layer, r.name, r.dtype, r.shape, r.stats["max"]) for r in recorder.records]
+    assert shown[3:] == [
+        (1, "x", "float32", (4,), 3.0), (1, "attention_norm", "float32", (4,), 1.0), (1, "normalized x", "float32", (4,), 30.0),
+        (2, "x", "float32", (5,), 4.0), (2, "attention_norm", "float32", (5,), 1.0), (2, "normalized x", "float32", (5,), 5.0),
+        (3, "x", "float64", (4,), 3.0), (3, "attention_norm", "float64", (4,), 1.0), (3, "normalized x", "float64", (4,), 3.0)]
+
+
+def test_a_planned_block_shows_its_weights_as_they_were_and_records_read_early_grow():
+    recorder = Recorder(Capture(rules=()))
+    x, weights = torch.arange(4.0), [torch.ones(4), torch.ones(4)]
+    with hooks.recording(recorder), torch.inference_mode():
+        recorder.at(step=1)
+        read_early = recorder.records
+        for layer, weight in enumerate(weights):
+            _block(recorder, layer, x, x + 1, weight)
+        recorder.at(layer=None)
+    weights[1].mul_(3)  # (a notebook changing a weight after the run, before reading the trace)
+    assert recorder.records is read_early and len(read_early) == 6
+    assert [r.stats["max"] for r in read_early if r.name == "attention_norm"] == [1.0, 1.0]
+
+
 def test_statistics_of_weights_whatever_their_layout_are_those_of_the_values(embedded_model):
     """Tall weights are stored column by column (stages.weights.for_decoding), the others row by row."""
     trace = traced_run(embedded_model, "Hi", chat=False, max_new_tokens=1)

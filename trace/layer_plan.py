@@ -35,6 +35,24 @@ class LayerPlan:
     alone: tuple[int, ...]  # summarised on their own, now (more than BATCHED_NUMEL elements)
     asked: tuple[int, ...]  # asked of Recorder._statistics as usual (the lasting KV cache, repetitions)
     shared: tuple[tuple[int, int], ...]  # (record, the earlier record whose statistics it shows)
+    empty: tuple[int, ...]  # records of no elements: no statistics
+    kinds: tuple[tuple[int, tuple], ...]  # (record, group_key) of the weights, alone and asked, to check
+
+    def fits(self, calls: list[Call]) -> bool:
+        """Whether a block with this plan's stages and names also has its shapes, dtypes and shared
+        memory, as the blocks of one model's step do (a block that does not is recorded one record at
+        a time: its numbers are never taken from another block's plan)."""
+        for key, group in self.batched:
+            for i in group:
+                if group_key(calls[i][2]) != key:
+                    return False
+        for i, key in self.kinds:
+            if group_key(calls[i][2]) != key:
+                return False
+        for i, j in self.shared:
+            if calls[i][2].data_ptr() != calls[j][2].data_ptr():
+                return False
+        return all(calls[i][2].numel() == 0 for i in self.empty)
 
 
 class Planned(NamedTuple):
@@ -51,7 +69,7 @@ def learn(records: list, calls: list[Call]) -> LayerPlan | None:
     (None where a block cannot be replayed: shapes only, copies, a training step's records)."""
     if len(records) != len(calls) or any(call[3] or call[2].is_meta for call in calls):
         return None
-    fixed, weights, alone, asked, shared = [], [], [], [], []
+    fixed, weights, alone, asked, shared, empty = [], [], [], [], [], []
     batched: dict[tuple, list[int]] = {}
     first: dict[int, int] = {}  # id(statistics) -> the first record that showed them
     numel = 0
@@ -63,7 +81,7 @@ def learn(records: list, calls: list[Call]) -> LayerPlan | None:
         elif record.role in (WEIGHT_GRAD, UPDATE) or record._values is not None:
             return None
         elif sums is None:  # (no elements)
-            continue
+            empty.append(i)
         elif (j := first.setdefault(id(sums), i)) != i:
             shared.append((i, j))
         elif lasting or type(sums) is not Later:
@@ -75,4 +93,6 @@ def learn(records: list, calls: list[Call]) -> LayerPlan | None:
             alone.append(i)
         else:  # (a repetition summarised as one copy)
             asked.append(i)
-    return LayerPlan(tuple(fixed), tuple(weights), tuple((key, tuple(group)) for key, group in batched.items()), numel, tuple(alone), tuple(asked), tuple(shared))
+    kinds = tuple((i, group_key(calls[i][2])) for i in (*weights, *alone, *asked))
+    return LayerPlan(tuple(fixed), tuple(weights), tuple((key, tuple(group)) for key, group in batched.items()),
+                     numel, tuple(alone), tuple(asked), tuple(shared), tuple(empty), kinds)

@@ -238,7 +238,8 @@ class Recorder:
                                      for fixed, sums in zip(item.plan.fixed, item.sums, strict=True)])
                     else:
                         made.append(item)
-            self._records, self._planned = made, 0
+            self._records[:] = made  # (the same list: one read during the run goes on growing)
+            self._planned = 0
         return self._records
 
     def at(self, **where: int | None) -> None:
@@ -269,7 +270,7 @@ class Recorder:
 
     def _replay(self) -> None:
         """The records of the calls noted since the place began: through the plan of an earlier block
-        with the same records, or one at a time (and a plan learned from them)."""
+        with the same records where the block fits it, or one at a time (and a plan learned from them)."""
         calls = self._calls
         if calls is None:
             return
@@ -277,10 +278,12 @@ class Recorder:
         note_into(None)
         signature = tuple(map(signature_of, calls))
         plan = self._plans.get(signature, False)
-        if plan:
+        if plan and plan.fits(calls):
             later: list[Later | Sums | None] = [None] * len(calls)
             self._records.append(Planned(plan, later, self.step, self.layer))
             self._planned += 1
+            for i in plan.weights:  # (now: a weight changed after the run must not change what this run shows)
+                later[i] = self._weight(calls[i][2])[0]
             self._pending_numel += plan.batched_numel
             if plan.alone:  # (tensors too large to hold until the step's end)
                 self._apply(plan, calls, later)
@@ -294,9 +297,7 @@ class Recorder:
             self._plans[signature] = learn(self._records[start:], calls)
 
     def _apply(self, plan: LayerPlan, calls: list[Call], later: list) -> None:
-        """The statistics of a block's records, through its plan, into `later`."""
-        for i in plan.weights:
-            later[i] = self._weight(calls[i][2])[0]
+        """The statistics of a block's records, through its plan, into `later` (its weights' are there)."""
         for i in plan.asked:
             _, _, tensor, _, _, lasting = calls[i]
             later[i] = self._statistics(tensor, now=False, lasting=lasting)
