@@ -186,7 +186,7 @@ class Capture:
 class Recorder:
     def __init__(self, capture: Capture = Capture(), pipeline: Pipeline = PLAIN, rank: int = 0):
         self.capture, self.pipeline, self.rank = capture, pipeline, rank
-        self._records: list[TensorRecord | Planned] = []  # (see records)
+        self._records: list[TensorRecord | Planned | list[TensorRecord]] = []  # (see records)
         self._planned = 0  # how many blocks of _records wait to be made into records
         self.step: int | None = None
         self.layer: int | None = None
@@ -219,7 +219,8 @@ class Recorder:
         self._waiting: dict[tuple, tuple[list[torch.Tensor], list[tuple[Later | list, tuple[int, ...] | None]]]] = {}
         # A place that keeps no values notes its records' arguments here, made into records when it ends.
         self._calls: list[Call] | None = None
-        self._deferred: list[tuple[LayerPlan, list[Call], list]] = []  # blocks whose plan is applied at the step's end
+        # Blocks whose plan is applied at the step's end: (where their Planned is in _records, calls, step, layer).
+        self._deferred: list[tuple[int, list[Call], int, int]] = []
         self._plans: dict[tuple, LayerPlan | None] = {}  # this step's, by the stages and names of a block's records
 
     @property
@@ -236,6 +237,8 @@ class Recorder:
                             item.sums[i] = item.sums[j]
                         made.extend([TensorRecord(item.step, item.layer, *fixed, rank, None, sums)
                                      for fixed, sums in zip(item.plan.fixed, item.sums, strict=True)])
+                    elif type(item) is list:  # (a block that did not fit its plan: see _flush)
+                        made.extend(item)
                     else:
                         made.append(item)
             self._records[:] = made  # (the same list: one read during the run goes on growing)
@@ -278,7 +281,7 @@ class Recorder:
         note_into(None)
         signature = tuple(map(signature_of, calls))
         plan = self._plans.get(signature, False)
-        if plan and plan.fits(calls):
+        if plan and (not plan.alone or plan.fits(calls)):
             later: list[Later | Sums | None] = [None] * len(calls)
             self._records.append(Planned(plan, later, self.step, self.layer))
             self._planned += 1
@@ -288,13 +291,30 @@ class Recorder:
             if plan.alone:  # (tensors too large to hold until the step's end)
                 self._apply(plan, calls, later)
             else:  # at the step's end, all blocks at once: the recorder's own code and data stay in the
-                self._deferred.append((plan, calls, later))  # CPU's caches, which each block's matmuls empty
+                # CPU's caches, which each block's matmuls empty (whether the block fits is asked there too)
+                self._deferred.append((len(self._records) - 1, calls, self.step, self.layer))
             return
         start = len(self._records)
         for call in calls:
             self.record(*call)
         if plan is False:
             self._plans[signature] = learn(self._records[start:], calls)
+
+    def _record_apart(self, calls: list[Call], step: int, layer: int) -> list[TensorRecord]:
+        """The records of a block that was noted at (step, layer), made one at a time now."""
+        here = self.step, self.layer, self._records, self._rules_here
+        self.step, self.layer, self._records, self._rules_here = step, layer, [], ()  # (noted: it kept no values)
+        self._sums_here.clear()
+        self._seen.clear()
+        self._keeps_here.clear()
+        for call in calls:
+            self.record(*call)
+        made = self._records
+        self.step, self.layer, self._records, self._rules_here = here
+        self._sums_here.clear()
+        self._seen.clear()
+        self._keeps_here.clear()
+        return made
 
     def _apply(self, plan: LayerPlan, calls: list[Call], later: list) -> None:
         """The statistics of a block's records, through its plan, into `later` (its weights' are there)."""
@@ -314,8 +334,12 @@ class Recorder:
     def _flush(self) -> None:
         """The statistics of the small tensors waiting, in one batched pass."""
         self._replay()
-        for deferred in self._deferred:
-            self._apply(*deferred)
+        for where, calls, step, layer in self._deferred:
+            planned = self._records[where]
+            if planned.plan.fits(calls):
+                self._apply(planned.plan, calls, planned.sums)
+            else:
+                self._records[where] = self._record_apart(calls, step, layer)
         self._deferred.clear()
         waiting = self._waiting
         for tensor, later in self._pending.values():
