@@ -93,13 +93,10 @@ _DTYPE_NAMES: dict[torch.dtype, str] = {}
 _REAL_DTYPES = {torch.complex32: torch.float16, torch.complex64: torch.float32, torch.complex128: torch.float64}
 
 
-
 def _corner(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """A copy of the first rows and columns of a weight-sized tensor (of a vector, the first columns)."""
     rows, cols = size
     return (t[:rows, :cols] if t.dim() == 2 else t[:cols]).clone()
-
-
 
 
 @dataclass(frozen=True)
@@ -323,13 +320,15 @@ class Recorder:
             later[i] = self._statistics(tensor, now=False, lasting=lasting)
         for i in plan.alone:
             later[i] = sums_of(calls[i][2])
-        waiting = self._waiting
         for key, group in plan.batched:  # (filled by the step's batched pass; shared ones when made: see records)
-            if key not in waiting:
-                waiting[key] = ([], [])
-            tensors, targets = waiting[key]
+            tensors, targets = self._waiting_group(key)
             tensors.extend([calls[i][2] for i in group])
             targets.append((later, group))
+
+    def _waiting_group(self, key: tuple) -> tuple[list[torch.Tensor], list]:
+        if key not in self._waiting:
+            self._waiting[key] = ([], [])
+        return self._waiting[key]
 
     def _flush(self) -> None:
         """The statistics of the small tensors waiting, in one batched pass."""
@@ -341,14 +340,11 @@ class Recorder:
             else:
                 self._records[where] = self._record_apart(calls, step, layer)
         self._deferred.clear()
-        waiting = self._waiting
         for tensor, later in self._pending.values():
-            key = group_key(tensor)
-            if key not in waiting:
-                waiting[key] = ([], [])
-            waiting[key][0].append(tensor)
-            waiting[key][1].append((later, None))
-        for tensors, targets in waiting.values():
+            tensors, targets = self._waiting_group(group_key(tensor))
+            tensors.append(tensor)
+            targets.append((later, None))
+        for tensors, targets in self._waiting.values():
             rows, n = summarise_rows(tensors)
             row = iter(rows)
             for target, group in targets:  # a Later, or a planned block's statistics and which of them
@@ -357,7 +353,7 @@ class Recorder:
                 else:
                     for i in group:
                         target[i] = (next(row), n)
-        waiting.clear()
+        self._waiting.clear()
         self._pending.clear()
         self._pending_numel = 0
         for joined in self._joins:  # in the order made: each joins statistics finished before it
