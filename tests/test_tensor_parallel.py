@@ -121,14 +121,22 @@ def test_what_does_not_split_is_one_line(args, message):
     assert message in result.stderr
 
 
+def _rank_of(pid: str) -> int | None:
+    """A child's RANK, or None while it has none: one just forked still has the launcher's environment,
+    and a short-lived child (not a rank) may be gone before its environment is read."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
+    except (ProcessLookupError, FileNotFoundError):
+        return None
+    return next((int(v[5:]) for v in environ if v.startswith("RANK=")), None)
+
+
 def _ranks_of(launcher: subprocess.Popen, world: int, seconds: float = 60) -> list[int]:
     """The pids of the ranks a launcher started (its child processes), in rank order, once all run."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
-        # A child just forked still has the launcher's environment: wait until each has its RANK.
-        rank = {pid: next((int(v[5:]) for v in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
-                           if v.startswith("RANK=")), None) for pid in children}
+        rank = {pid: _rank_of(pid) for pid in children}
         if len(children) == world and None not in rank.values():
             return sorted(map(int, children), key=lambda pid: rank[str(pid)])
         time.sleep(0.05)

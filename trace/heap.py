@@ -11,15 +11,15 @@ generation, which makes no reference cycle, pauses the collector altogether, and
 at the end of a step kept for the next (see keep_freed_memory).
 """
 import ctypes
-import ctypes.util
 import gc
 from contextlib import contextmanager
 
 
 def _glibc(function: str):
-    name = ctypes.util.find_library("c")
+    # The process's own symbols, which hold the C library's: ctypes.util.find_library would run
+    # ldconfig in a child process at every import.
     try:
-        return getattr(ctypes.CDLL(name), function) if name else None
+        return getattr(ctypes.CDLL(None), function)
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
         return None
 
