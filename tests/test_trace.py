@@ -226,6 +226,9 @@ def test_a_traced_run_leaves_the_garbage_collector_as_it_found_it():
         cycle.self = cycle
         del cycle
         assert gc.collect() > 0  # what the run makes is collected as usual
+        with old_objects_frozen():  # one within another (the records made at a run's end)
+            pass
+        assert gc.get_freeze_count() > 0  # the outer one's freeze holds until it ends
     assert gc.get_freeze_count() == 0
     gc.freeze()  # someone else's freeze (a server's) is theirs to undo
     try:

@@ -58,16 +58,24 @@ def generation_heap():
         yield
 
 
+_freezes = 0  # how many old_objects_frozen are open: only the outermost freezes and unfreezes
+
+
 @contextmanager
 def old_objects_frozen():
     """Within it, the collector looks only at the objects made since it began (the trace's, the
-    run's); they are all collected as usual. Someone else's freeze (a server's, say) is left alone."""
-    ours = gc.get_freeze_count() == 0
+    run's); they are all collected as usual. Someone else's freeze (a server's, say) is left alone.
+    One within another (the records made at a run's end) is free: gc.get_freeze_count walks every
+    frozen object (~20 ms for torch's and the model's), so it is asked only where none is open."""
+    global _freezes
+    ours = _freezes == 0 and gc.get_freeze_count() == 0
     if ours:
         gc.freeze()
+    _freezes += 1
     try:
         yield
     finally:
+        _freezes -= 1
         if ours:
             gc.unfreeze()
 
